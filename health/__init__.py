@@ -1,0 +1,1 @@
+"""Health: is the database answering, is the LLM provider reachable (django-ninja endpoints)."""

@@ -1,0 +1,42 @@
+"""Probes of each part the service depends on, each bounded in time and never raising."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.db import connections
+
+from llm.providers import get_provider
+from llm.types import PingResult
+
+DATABASE_TIMEOUT = 5.0
+
+
+def _select_one(alias: str) -> None:
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+
+
+async def database(alias: str = "default", timeout: float = DATABASE_TIMEOUT) -> dict[str, Any]:
+    """`SELECT 1` through Django's connection: `{"status", "engine", "latency_ms"[, "error"]}`."""
+    engine = connections[alias].vendor
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(timeout):
+            await sync_to_async(_select_one, thread_sensitive=True)(alias)
+    except TimeoutError:
+        return {"status": "error", "engine": engine, "latency_ms": None,
+                "error": {"code": "DATABASE_TIMEOUT", "message": f"no answer within {timeout:g} s"}}
+    except Exception as exc:  # any driver error means the database is down for us
+        return {"status": "error", "engine": engine, "latency_ms": None,
+                "error": {"code": "DATABASE_UNAVAILABLE", "message": f"{type(exc).__name__}: {exc}"[:300]}}
+    return {"status": "ok", "engine": engine, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
+
+
+async def provider(alias: str | None = None) -> PingResult:
+    """The provider's own `ping()`: already bounded by `LLM_PING_TIMEOUT`, never raises."""
+    return await get_provider(alias).ping()

@@ -1,0 +1,77 @@
+"""HTTP face of the generation pipeline: `POST /api/v1/llm/generate`, as JSON or as SSE frames."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import orjson
+from django.http import HttpRequest, StreamingHttpResponse
+from ninja import Router
+
+from .generation import Done, Failed, Generation
+from .schemas import ErrorOut, GenerateIn, GenerateOut
+
+router = Router(tags=["llm"])
+
+ERROR_STATUSES = (400, 409, 413, 422, 502, 503)
+
+SSE_EXAMPLE = (
+    'data: {"type": "start", "session_id": "5f0c...", "provider": "lm_studio", "model": "SmolLM2-135M-Instruct"}\n\n'
+    'data: {"type": "token", "text": "Hello"}\n\n'
+    'data: {"type": "token", "text": " there!"}\n\n'
+    'data: {"type": "done", "session_id": "5f0c...", "finish_reason": "stop", '
+    '"usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12, "estimated": true}}\n\n'
+)
+
+
+@router.post(
+    "/generate",
+    response={200: GenerateOut, ERROR_STATUSES: ErrorOut},
+    summary="Generate a reply",
+    description=(
+        "Runs one completion on the selected provider. With `stream: false` (the default) the "
+        "whole reply comes back as JSON. With `stream: true` the answer is `text/event-stream`: "
+        "each SSE `data:` line is one frame, exactly as on the WebSocket: `start`, `token`..., "
+        "then one `done` or `error`."
+    ),
+    openapi_extra={
+        "responses": {
+            200: {
+                "content": {
+                    "text/event-stream": {
+                        "schema": {"type": "string", "description": "SSE frames (stream: true)"},
+                        "example": SSE_EXAMPLE,
+                    }
+                }
+            }
+        }
+    },
+)
+async def generate(request: HttpRequest, payload: GenerateIn):
+    generation = Generation(payload.to_request())
+    if payload.stream:
+        response = StreamingHttpResponse(sse_frames(generation), content_type="text/event-stream")
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+        return response
+    async with aclosing(generation.events()) as events:
+        async for event in events:
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Done):
+                return GenerateOut(
+                    session_id=event.session_id,
+                    model=generation.model or "",
+                    provider=generation.provider or "",
+                    content=generation.text,
+                    finish_reason=event.finish_reason,
+                    usage=event.usage.as_dict(),
+                )
+    raise AssertionError("the pipeline ended without a done or error event")
+
+
+async def sse_frames(generation: Generation) -> AsyncIterator[bytes]:
+    async with aclosing(generation.events()) as events:
+        async for event in events:
+            yield b"data: " + orjson.dumps(event.frame()) + b"\n\n"

@@ -1,0 +1,167 @@
+"""System checks for the LLM settings: `manage.py check` and every entry point run them.
+
+Each message names the environment variable and says how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Warning
+
+from .conf import llm_settings
+
+# Which environment variable sets each provider option (for messages users can act on).
+ENV_NAMES = {
+    "read_timeout": "LM_STUDIO_TIMEOUT",
+    "connect_timeout": "LLM_CONNECT_TIMEOUT",
+    "idle_timeout": "LLM_STREAM_IDLE_TIMEOUT",
+    "ping_timeout": "LLM_PING_TIMEOUT",
+    "retry_delay": "LLM_RETRY_DELAY",
+    "retry_after_max": "LLM_RETRY_AFTER_MAX",
+    "max_retries": "LLM_MAX_RETRIES",
+    "max_connections": "LLM_MAX_CONNECTIONS",
+    "max_keepalive": "LLM_MAX_KEEPALIVE",
+    "max_tokens": "LLM_MAX_TOKENS",
+}
+BASE_URL_ENV = {"lm_studio": "LM_STUDIO_BASE_URL", "openrouter": "OPENROUTER_BASE_URL"}
+
+# option: (integer only, smallest allowed, whether the smallest is allowed)
+_POSITIVE = (False, 0, False)
+_NON_NEGATIVE = (False, 0, True)
+NUMBER_RULES = {
+    "read_timeout": _POSITIVE,
+    "connect_timeout": _POSITIVE,
+    "idle_timeout": _POSITIVE,
+    "ping_timeout": _POSITIVE,
+    "retry_delay": _NON_NEGATIVE,
+    "retry_after_max": _NON_NEGATIVE,
+    "max_retries": (True, 0, True),
+    "max_connections": (True, 0, False),
+    "max_keepalive": (True, 0, True),
+    "max_tokens": (True, 0, False),
+}
+
+
+def check_provider(**kwargs: Any) -> list[CheckMessage]:
+    conf = llm_settings()
+    known = list(conf["PROVIDERS"])
+    errors: list[CheckMessage] = []
+    if conf["PROVIDER"] not in known:
+        errors.append(
+            Error(
+                f"LLM_PROVIDER is {conf['PROVIDER']!r}, which is not a provider.",
+                hint=f"Set LLM_PROVIDER to one of: {', '.join(known)}.",
+                id="llm.E001",
+            )
+        )
+    unknown = [alias for alias in conf.get("FALLBACK_PROVIDERS", []) if alias not in known]
+    if unknown:
+        errors.append(
+            Error(
+                f"LLM_FALLBACK_PROVIDERS names unknown providers: {', '.join(unknown)}.",
+                hint=f"List only these, comma-separated: {', '.join(known)}.",
+                id="llm.E005",
+            )
+        )
+    if conf.get("LOCAL_MODEL") not in ("auto", "off"):
+        errors.append(
+            Error(
+                f"LLM_LOCAL_MODEL is {conf.get('LOCAL_MODEL')!r}.",
+                hint="Set LLM_LOCAL_MODEL to 'auto' (start the bundled model when needed) or 'off'.",
+                id="llm.E006",
+            )
+        )
+    return errors
+
+
+def check_base_urls(**kwargs: Any) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    for alias, entry in llm_settings()["PROVIDERS"].items():
+        url = entry.get("CONFIG", {}).get("base_url", "")
+        parts = urlsplit(url) if isinstance(url, str) else None
+        if not parts or parts.scheme not in ("http", "https") or not parts.hostname:
+            name = BASE_URL_ENV.get(alias, f"the base_url of provider {alias!r}")
+            errors.append(
+                Error(
+                    f"{name} is {url!r}, which is not an http(s) URL.",
+                    hint=f"Set {name} to the server's OpenAI-compatible base URL, "
+                    "e.g. http://localhost:1234/v1.",
+                    id="llm.E002",
+                )
+            )
+    return errors
+
+
+def check_numbers(**kwargs: Any) -> list[CheckMessage]:
+    conf = llm_settings()
+    values: dict[str, Any] = dict(conf.get("DEFAULTS", {}))
+    for entry in conf["PROVIDERS"].values():
+        values.update({k: v for k, v in entry.get("CONFIG", {}).items() if k in NUMBER_RULES})
+    errors = [
+        _number_error(ENV_NAMES[option], value, *NUMBER_RULES[option])
+        for option, value in values.items()
+        if option in NUMBER_RULES
+    ]
+    errors.append(_number_error("LLM_MAX_REQUEST_BYTES", settings.LLM_MAX_REQUEST_BYTES, True, 0, False))
+    return [error for error in errors if error is not None]
+
+
+def _number_error(name: str, value: Any, integer: bool, minimum: float, inclusive: bool) -> Error | None:
+    kind = "a whole number" if integer else "a number"
+    bound = f"{'at least' if inclusive else 'greater than'} {minimum}"
+    numeric = isinstance(value, int) if integer else isinstance(value, int | float)
+    if numeric and not isinstance(value, bool) and (value >= minimum if inclusive else value > minimum):
+        return None
+    return Error(
+        f"{name} is {value!r}; it must be {kind} {bound}.",
+        hint=f"Set {name} to {kind} {bound}, or unset it to use the default.",
+        id="llm.E003",
+    )
+
+
+def check_openrouter_key(**kwargs: Any) -> list[CheckMessage]:
+    """The key itself is never put in a message."""
+    conf = llm_settings()
+    entry = conf["PROVIDERS"].get("openrouter")
+    if entry is None:
+        return []
+    config = entry.get("CONFIG", {})
+    in_use = "openrouter" in (conf["PROVIDER"], *conf.get("FALLBACK_PROVIDERS", []))
+    if not in_use:
+        return []
+    if not config.get("enabled"):
+        return [
+            Warning(
+                "OpenRouter is selected but LLM_ENABLE_OPENROUTER is false, so every request "
+                "to it fails with LLM_PROVIDER_DISABLED.",
+                hint="Set LLM_ENABLE_OPENROUTER=true (and OPENROUTER_API_KEY), or pick another provider.",
+                id="llm.W001",
+            )
+        ]
+    if not config.get("api_key"):
+        return [
+            Error(
+                "OpenRouter is selected and enabled but OPENROUTER_API_KEY is empty.",
+                hint="Set OPENROUTER_API_KEY to a key from https://openrouter.ai/keys.",
+                id="llm.E004",
+            )
+        ]
+    return []
+
+
+ALL_CHECKS = (check_provider, check_base_urls, check_numbers, check_openrouter_key)
+
+
+def run_llm_checks() -> list[CheckMessage]:
+    return [message for check in ALL_CHECKS for message in check()]
+
+
+def format_errors(messages: Iterable[CheckMessage]) -> str:
+    """One line per serious message, as `manage.py check` prints them."""
+    return "\n".join(
+        f"({m.id}) {m.msg}" + (f" HINT: {m.hint}" if m.hint else "") for m in messages if m.is_serious()
+    )

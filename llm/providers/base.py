@@ -1,0 +1,410 @@
+"""The OpenAI-compatible provider every concrete provider builds on.
+
+It knows HTTP and the OpenAI wire format and nothing of Django's database, sockets or sessions:
+retries with backoff before the first token, timeouts (connect, read, and idle between tokens),
+SSE parsing through httpx-sse, error mapping onto `llm.exceptions`, and one pooled
+`httpx.AsyncClient` per event loop. Subclasses set headers, payload extras and `check_enabled`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+from httpx_sse import EventSource, SSEError
+
+from ..exceptions import (
+    BadGateway,
+    LLMError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from ..retries import RETRY_STATUSES, backoff_delay, parse_retry_after
+from ..streaming import (
+    estimate_prompt_tokens,
+    estimate_tokens,
+    parse_chunk,
+    parse_usage,
+    raise_for_error,
+)
+from ..types import ChatRequest, Completion, PingResult, StreamChunk, Usage
+
+logger = logging.getLogger("llm.upstream")
+
+
+class OpenAICompatibleProvider:
+    """A chat-completions server reached over HTTP at `base_url` (`/models`, `/chat/completions`)."""
+
+    def __init__(
+        self,
+        alias: str,
+        *,
+        base_url: str,
+        default_model: str = "",
+        api_key: str = "",
+        enabled: bool = True,
+        read_timeout: float = 30,
+        connect_timeout: float = 5,
+        idle_timeout: float = 60,
+        ping_timeout: float = 5,
+        max_retries: int = 3,
+        retry_delay: float = 2,
+        retry_after_max: float = 60,
+        max_connections: int = 20,
+        max_keepalive: int = 10,
+        max_tokens: int = 1024,
+    ) -> None:
+        self.alias = alias
+        self.base_url = base_url.rstrip("/")
+        self.default_model = default_model
+        self.enabled = enabled
+        self.read_timeout = float(read_timeout)
+        self.connect_timeout = float(connect_timeout)
+        self.idle_timeout = float(idle_timeout)
+        self.ping_timeout = float(ping_timeout)
+        self.max_retries = int(max_retries)
+        self.retry_delay = float(retry_delay)
+        self.retry_after_max = float(retry_after_max)
+        self.max_connections = int(max_connections)
+        self.max_keepalive = int(max_keepalive)
+        self.max_tokens = int(max_tokens)
+        self._api_key = api_key
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._resolved_model: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.alias} {self.base_url}>"
+
+    # Hooks for subclasses ------------------------------------------------------------------
+
+    def check_enabled(self) -> None:
+        """Raise `ProviderDisabled` when this provider must not be called."""
+
+    def get_headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if self._api_key:
+            headers["Authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    def build_payload(self, request: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "model": model,
+            "messages": list(request.messages),
+            "max_tokens": request.max_tokens or self.max_tokens,
+            "stream": stream,
+        }
+        if request.temperature is not None:
+            payload["temperature"] = request.temperature
+        if stream:
+            payload["stream_options"] = {"include_usage": True}
+        return payload
+
+    # Client --------------------------------------------------------------------------------
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The pooled client of the running event loop (httpx clients cannot cross loops)."""
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None or client.is_closed:
+            client = self._clients[loop] = httpx.AsyncClient(
+                base_url=self.base_url + "/",
+                timeout=httpx.Timeout(
+                    connect=self.connect_timeout,
+                    read=self.read_timeout,
+                    write=self.read_timeout,
+                    pool=self.connect_timeout,
+                ),
+                limits=httpx.Limits(
+                    max_connections=self.max_connections,
+                    max_keepalive_connections=self.max_keepalive,
+                ),
+                headers=self.get_headers(),
+                follow_redirects=False,
+            )
+        return client
+
+    async def aclose(self) -> None:
+        """Close the current event loop's client."""
+        loop = asyncio.get_running_loop()
+        client = self._clients.pop(loop, None)
+        if client is not None:
+            await client.aclose()
+
+    # Public API ----------------------------------------------------------------------------
+
+    async def ping(self) -> PingResult:
+        """List the models once, without retries, within `ping_timeout`; never raises an `LLMError`."""
+        started = time.perf_counter()
+        try:
+            self.check_enabled()
+            async with asyncio.timeout(self.ping_timeout):
+                models = await self._list_models(retries=0)
+        except TimeoutError:
+            error: LLMError = UpstreamTimeout(
+                f"{self.alias} did not answer within {self.ping_timeout:g} s", provider=self.alias
+            )
+        except LLMError as exc:
+            error = exc
+        else:
+            latency = (time.perf_counter() - started) * 1000
+            return PingResult(self.alias, self.base_url, True, round(latency, 1), models)
+        return PingResult(self.alias, self.base_url, False, None, [], error.as_dict())
+
+    async def list_models(self) -> list[str]:
+        self.check_enabled()
+        return await self._list_models(retries=self.max_retries)
+
+    async def resolve_model(self, requested: str | None) -> str:
+        """The model to ask for: the request's, the configured default, else the first listed."""
+        if requested:
+            return requested
+        if self.default_model:
+            return self.default_model
+        if self._resolved_model is None:
+            models = await self._list_models(retries=self.max_retries)
+            if not models:
+                raise BadGateway(f"{self.alias} lists no models to use", provider=self.alias)
+            self._resolved_model = models[0]
+        return self._resolved_model
+
+    async def generate(self, request: ChatRequest) -> Completion:
+        """One non-streaming completion, retried as the settings say."""
+        self.check_enabled()
+        model = await self.resolve_model(request.model)
+        payload = self.build_payload(request, model, stream=False)
+        body = self._json(await self._send("POST", "chat/completions", model=model, json=payload))
+        raise_for_error(body, provider=self.alias)
+        try:
+            choice = body["choices"][0]
+            content = choice["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise BadGateway(f"{self.alias} sent a completion without a message", provider=self.alias) from exc
+        usage = parse_usage(body.get("usage"))
+        if usage is None:
+            prompt = estimate_prompt_tokens(request.messages)
+            completion = estimate_tokens(content)
+            usage = Usage(prompt, completion, prompt + completion, estimated=True)
+        return Completion(
+            provider=self.alias,
+            model=body.get("model") or model,
+            content=content,
+            finish_reason=choice.get("finish_reason") or "stop",
+            usage=usage,
+        )
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+        """Stream a completion: text pieces, then one last piece with finish reason and usage.
+
+        Failures before the first text piece are retried like any request; after it they go to
+        the caller, who holds the text so far. Closing this iterator closes the upstream response.
+        """
+        self.check_enabled()
+        model = await self.resolve_model(request.model)
+        payload = self.build_payload(request, model, stream=True)
+        prompt_tokens = estimate_prompt_tokens(request.messages)
+        attempt = 0
+        while True:
+            delivered = False
+            try:
+                async for chunk in self._stream_once(payload, model, attempt, prompt_tokens):
+                    delivered = delivered or bool(chunk.text)
+                    yield chunk
+                return
+            except LLMError as exc:
+                if delivered:
+                    raise
+                await self._before_retry(exc, attempt, retries=self.max_retries)
+            attempt += 1
+
+    # Internals -----------------------------------------------------------------------------
+
+    async def _list_models(self, *, retries: int) -> list[str]:
+        body = self._json(await self._send("GET", "models", retries=retries))
+        try:
+            return [str(item["id"]) for item in body["data"]]
+        except (KeyError, TypeError) as exc:
+            raise BadGateway(f"{self.alias} sent a model list without data", provider=self.alias) from exc
+
+    async def _send(
+        self, method: str, path: str, *, model: str = "", retries: int | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        """A whole (non-streaming) request, retried on timeouts, refusals, 408, 429 and 5xx."""
+        retries = self.max_retries if retries is None else retries
+        attempt = 0
+        while True:
+            started = time.perf_counter()
+            cause: Exception | None = None
+            try:
+                response = await self.client.request(method, path, **kwargs)
+            except httpx.HTTPError as exc:
+                self._log(method, path, model, type(exc).__name__, attempt, started)
+                error, cause = self._transport_error(exc, started_body=False), exc
+            else:
+                self._log(method, path, model, response.status_code, attempt, started)
+                if response.status_code < 400:
+                    return response
+                error = self._status_error(response)
+            await self._before_retry(error, attempt, retries=retries, cause=cause)
+            attempt += 1
+
+    async def _stream_once(
+        self, payload: dict[str, Any], model: str, attempt: int, prompt_tokens: int
+    ) -> AsyncIterator[StreamChunk]:
+        """One streaming request: text pieces, then the closing piece; errors mapped, not retried."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        status: int | str = "-"
+        outcome = "ok"
+        reported_model = finish_reason = None
+        usage = None
+        tokens = 0
+        try:
+            async with self.client.stream("POST", "chat/completions", json=payload) as response:
+                status = response.status_code
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise self._status_error(response)
+                events = EventSource(response).aiter_sse()
+                deadline = loop.time() + self.idle_timeout
+                try:
+                    while True:
+                        try:
+                            async with asyncio.timeout_at(deadline):
+                                event = await anext(events)
+                        except StopAsyncIteration:
+                            break
+                        except TimeoutError as exc:
+                            if finish_reason:
+                                break
+                            raise UpstreamTimeout(
+                                f"{self.alias} sent no token for {self.idle_timeout:g} s "
+                                "(LLM_STREAM_IDLE_TIMEOUT)",
+                                provider=self.alias,
+                            ) from exc
+                        except httpx.HTTPError as exc:
+                            if finish_reason:
+                                break  # the reply was whole; only trailing usage or [DONE] is lost
+                            raise self._transport_error(exc, started_body=True) from exc
+                        chunk = parse_chunk(event.data, provider=self.alias)
+                        if chunk is None:
+                            break
+                        reported_model = reported_model or chunk.model
+                        usage = chunk.usage or usage
+                        finish_reason = chunk.finish_reason or finish_reason
+                        if chunk.text:
+                            tokens += 1
+                            deadline = loop.time() + self.idle_timeout
+                            yield StreamChunk(text=chunk.text, model=reported_model or model)
+                finally:
+                    await events.aclose()
+            if not finish_reason:
+                raise BadGateway(
+                    f"{self.alias} ended the stream without a finish reason"
+                    + (f" after {tokens} tokens" if tokens else ""),
+                    provider=self.alias,
+                )
+        except httpx.HTTPError as exc:
+            outcome = type(exc).__name__
+            raise self._transport_error(exc, started_body=False) from exc
+        except LLMError as exc:
+            outcome = exc.code
+            raise
+        finally:
+            self._log("POST", "chat/completions", model, status, attempt, started, tokens=tokens, outcome=outcome)
+        yield StreamChunk(
+            finish_reason=finish_reason,
+            usage=usage or Usage(prompt_tokens, tokens, prompt_tokens + tokens, estimated=True),
+            model=reported_model or model,
+        )
+
+    async def _before_retry(
+        self, exc: LLMError, attempt: int, *, retries: int, cause: Exception | None = None
+    ) -> None:
+        """Sleep before attempt `attempt + 1`, or raise `exc` when no retry is allowed."""
+        retry_after = getattr(exc, "retry_after", None)
+        if not exc.retryable or attempt >= retries:
+            raise exc from cause or exc.__cause__
+        if retry_after is not None and retry_after > self.retry_after_max:
+            raise UpstreamUnavailable(
+                f"{exc.message}; it asks to retry after {retry_after:g} s, more than "
+                f"LLM_RETRY_AFTER_MAX ({self.retry_after_max:g} s)",
+                provider=self.alias,
+                retry_after=retry_after,
+            ) from cause or exc
+        delay = retry_after if retry_after is not None else backoff_delay(attempt, self.retry_delay)
+        logger.info(
+            "retrying provider=%s code=%s attempt=%d delay_s=%.2f",
+            self.alias, exc.code, attempt + 2, delay,
+        )
+        await asyncio.sleep(delay)
+
+    def _status_error(self, response: httpx.Response) -> LLMError:
+        status = response.status_code
+        detail = self._error_detail(response)
+        message = f"{self.alias} answered HTTP {status}" + (f": {detail}" if detail else "")
+        if status == 408:
+            return UpstreamTimeout(message, provider=self.alias)
+        if status in RETRY_STATUSES:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            return UpstreamUnavailable(message, provider=self.alias, retry_after=retry_after)
+        return UpstreamRejected(message, provider=self.alias)
+
+    def _transport_error(self, exc: httpx.HTTPError, *, started_body: bool) -> LLMError:
+        if isinstance(exc, httpx.TimeoutException):
+            kind = {
+                httpx.ConnectTimeout: f"connect within {self.connect_timeout:g} s (LLM_CONNECT_TIMEOUT)",
+                httpx.PoolTimeout: f"free a pooled connection within {self.connect_timeout:g} s",
+            }.get(type(exc), f"send a byte within {self.read_timeout:g} s (LM_STUDIO_TIMEOUT)")
+            return UpstreamTimeout(f"{self.alias} did not {kind}", provider=self.alias)
+        if isinstance(exc, SSEError):
+            return BadGateway(f"{self.alias} did not answer with an event stream: {exc}", provider=self.alias)
+        if started_body:
+            return BadGateway(f"{self.alias} cut the stream: {type(exc).__name__}", provider=self.alias)
+        if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
+            return UpstreamRejected(f"{self.alias} base URL is not usable: {exc}", provider=self.alias)
+        return UpstreamUnavailable(
+            f"{self.alias} is unreachable at {self.base_url}: {type(exc).__name__}", provider=self.alias
+        )
+
+    def _json(self, response: httpx.Response) -> dict[str, Any]:
+        try:
+            body = orjson.loads(response.content)
+        except orjson.JSONDecodeError as exc:
+            raise BadGateway(f"{self.alias} sent a body that is not JSON", provider=self.alias) from exc
+        if not isinstance(body, dict):
+            raise BadGateway(f"{self.alias} sent JSON that is not an object", provider=self.alias)
+        return body
+
+    def _error_detail(self, response: httpx.Response) -> str:
+        """The upstream's own error message, short and without our key."""
+        try:
+            body = orjson.loads(response.content)
+            error = body.get("error") if isinstance(body, dict) else None
+            detail = (error.get("message") if isinstance(error, dict) else error) or body.get("detail")
+            detail = str(detail) if detail else response.text
+        except (orjson.JSONDecodeError, AttributeError):
+            detail = response.text
+        return self.redact(" ".join(detail.split())[:300])
+
+    def redact(self, text: str) -> str:
+        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+
+    def _log(
+        self, method: str, path: str, model: str, status: int | str, attempt: int, started: float, **extra: Any
+    ) -> None:
+        latency_ms = (time.perf_counter() - started) * 1000
+        details = "".join(f" {key}={value}" for key, value in extra.items())
+        logger.info(
+            "upstream provider=%s %s /%s model=%s status=%s attempt=%d latency_ms=%.1f%s",
+            self.alias, method, path, model or "-", status, attempt + 1, latency_ms, details,
+        )

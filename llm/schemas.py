@@ -1,0 +1,93 @@
+"""Request and response shapes of the LLM endpoints (pydantic, shared by HTTP and WebSocket)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ninja import Schema
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+
+from .types import ChatRequest
+
+
+class ChatMessageIn(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: StrictStr
+
+
+class GenerateIn(Schema):
+    """What to generate: a conversation, and optional overrides of the provider's defaults."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "messages": [
+                        {"role": "system", "content": "You are a seller of used bicycles."},
+                        {"role": "user", "content": "Would you take 120 for the blue one?"},
+                    ],
+                    "max_tokens": 128,
+                    "temperature": 0.7,
+                    "stream": False,
+                }
+            ]
+        },
+    )
+
+    messages: list[ChatMessageIn] = Field(min_length=1, description="The conversation, oldest first.")
+    model: StrictStr | None = Field(
+        default=None, min_length=1, description="Empty: the provider's default model."
+    )
+    max_tokens: StrictInt | None = Field(
+        default=None, ge=1, le=1_000_000, description="Empty: LLM_MAX_TOKENS."
+    )
+    temperature: StrictFloat | StrictInt | None = Field(default=None, ge=0, le=2)
+    session_id: StrictStr | None = Field(
+        default=None, description="Continue this stored session (its history is sent first)."
+    )
+    stream: StrictBool = Field(
+        default=False, description="true: answer with text/event-stream frames instead of JSON."
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _float(cls, value: float | int | None) -> float | None:
+        return None if value is None else float(value)
+
+    def to_request(self) -> ChatRequest:
+        return ChatRequest(
+            messages=[{"role": m.role, "content": m.content} for m in self.messages],
+            model=self.model,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+        )
+
+
+class ErrorDetail(Schema):
+    code: str = Field(examples=["LLM_UNAVAILABLE"])
+    message: str = Field(examples=["lm_studio is unreachable at http://localhost:1234/v1: ConnectError"])
+
+
+class ErrorOut(Schema):
+    """The body of every error response."""
+
+    error: ErrorDetail
+
+
+class UsageOut(Schema):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    estimated: bool = Field(description="true: counted here, because the upstream sent no usage.")
+
+
+class GenerateOut(Schema):
+    session_id: str
+    model: str = Field(description="The model as the upstream reported it.")
+    provider: str
+    content: str
+    finish_reason: Literal["stop", "length", "cancelled"] | str
+    usage: UsageOut

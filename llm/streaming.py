@@ -1,0 +1,213 @@
+"""The streaming core: OpenAI-compatible chunks in, reply pieces out. Pure: no HTTP, no Django.
+
+`parse_chunk` turns one SSE `data:` payload into a `StreamChunk` (or raises `BadGateway`);
+`coalesce_chunks` merges pieces into fewer, larger ones by size and time without losing or
+reordering text; `bounded_stream` stops a reply at a token budget with finish reason `length`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+import orjson
+
+from .exceptions import BadGateway
+from .types import Message, StreamChunk, Usage
+
+DONE = "[DONE]"
+
+
+def parse_chunk(data: str, *, provider: str | None = None) -> StreamChunk | None:
+    """Decode one `data:` payload; `None` for `[DONE]`. In-stream errors raise `BadGateway`."""
+    if data == DONE:
+        return None
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise BadGateway(f"Upstream sent invalid JSON in its stream: {data[:200]!r}", provider=provider) from exc
+    if not isinstance(payload, dict):
+        raise BadGateway(f"Upstream sent a stream chunk that is not an object: {data[:200]!r}", provider=provider)
+    raise_for_error(payload, provider=provider)
+
+    chunk = StreamChunk(model=payload.get("model") or None, usage=parse_usage(payload.get("usage")))
+    choices = payload.get("choices") or []
+    if choices:
+        choice = choices[0]
+        delta = choice.get("delta") or {}
+        content = delta.get("content") if isinstance(delta, dict) else None
+        if content is not None and not isinstance(content, str):
+            raise BadGateway("Upstream sent non-text content in its stream", provider=provider)
+        chunk.text = content or ""
+        chunk.finish_reason = choice.get("finish_reason") or None
+    return chunk
+
+
+def raise_for_error(payload: dict[str, Any], *, provider: str | None = None) -> None:
+    """Raise `BadGateway` for an error reported inside a completion or chunk (OpenRouter does)."""
+    if payload.get("error"):
+        raise BadGateway(_error_text(payload["error"]), provider=provider)
+    choices = payload.get("choices")
+    if choices is not None and not isinstance(choices, list):
+        raise BadGateway("Upstream sent choices that are not a list", provider=provider)
+    if choices:
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            raise BadGateway("Upstream sent a malformed choice", provider=provider)
+        if choice.get("error"):
+            raise BadGateway(_error_text(choice["error"]), provider=provider)
+        if choice.get("finish_reason") == "error":
+            raise BadGateway("Upstream ended the reply with finish_reason 'error'", provider=provider)
+
+
+def parse_usage(value: Any) -> Usage | None:
+    """The upstream's own token counts, when it sent them."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        prompt = int(value.get("prompt_tokens") or 0)
+        completion = int(value.get("completion_tokens") or 0)
+        total = int(value.get("total_tokens") or prompt + completion)
+    except (TypeError, ValueError):
+        return None
+    return Usage(prompt, completion, total, estimated=False)
+
+
+def _error_text(error: Any) -> str:
+    if isinstance(error, dict):
+        message = error.get("message") or "no message"
+        code = error.get("code")
+        return f"Upstream reported an error in its stream ({code}): {message}" if code else (
+            f"Upstream reported an error in its stream: {message}"
+        )
+    return f"Upstream reported an error in its stream: {str(error)[:200]}"
+
+
+def estimate_tokens(text: str) -> int:
+    """A rough token count (about four characters a token) for upstreams that send no usage."""
+    return (len(text) + 3) // 4
+
+
+def estimate_prompt_tokens(messages: list[Message]) -> int:
+    # Chat templates add a few tokens of framing per message.
+    return sum(estimate_tokens(m["content"]) + 4 for m in messages)
+
+
+async def coalesce_chunks(
+    chunks: AsyncIterable[StreamChunk],
+    *,
+    max_chars: int = 2048,
+    max_delay: float = 0.01,
+) -> AsyncIterator[StreamChunk]:
+    """Merge pieces so a fast upstream yields at most one piece per `max_delay` seconds.
+
+    The first piece, and any piece arriving `max_delay` after the last one yielded, goes out at
+    once, so a slow stream shows every token without delay. A buffer of `max_chars` goes out at
+    once too. The upstream is read by a task of its own, so reading overlaps with whatever the
+    caller does between pieces; the read pauses when the caller falls `8 * max_chars` behind.
+    Text before an upstream error is yielded before the error is raised. Closing this iterator
+    stops the reader and closes `chunks`.
+    """
+    loop = asyncio.get_running_loop()
+    buffer: list[StreamChunk] = []
+    buffered_chars = 0
+    finished = False
+    failure: Exception | None = None
+    wake = asyncio.Event()
+    room = asyncio.Event()
+    room.set()
+
+    async def pump() -> None:
+        nonlocal buffered_chars, finished, failure
+        try:
+            async for chunk in chunks:
+                buffer.append(chunk)
+                buffered_chars += len(chunk.text)
+                if len(buffer) == 1 or buffered_chars >= max_chars or chunk.finish_reason:
+                    wake.set()
+                if buffered_chars >= 8 * max_chars:
+                    room.clear()
+                    await room.wait()
+        except Exception as exc:
+            failure = exc
+        finally:
+            finished = True
+            wake.set()
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    reader = asyncio.create_task(pump())
+    last_out = -max_delay
+    try:
+        while True:
+            if not buffer and not finished:
+                wake.clear()
+                await wake.wait()
+            if not finished and buffered_chars < max_chars:
+                delay = last_out + max_delay - loop.time()
+                if delay > 0:
+                    wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(delay):
+                            await wake.wait()
+            if buffer:
+                pieces = buffer[:]
+                buffer.clear()
+                buffered_chars = 0
+                room.set()
+                last_out = loop.time()
+                yield _merge(pieces)
+            elif finished:
+                if failure is not None:
+                    raise failure
+                return
+    finally:
+        if not reader.done():
+            reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
+def _merge(pieces: list[StreamChunk]) -> StreamChunk:
+    if len(pieces) == 1:
+        return pieces[0]
+    last = pieces[-1]
+    return StreamChunk(
+        text="".join([p.text for p in pieces]),
+        finish_reason=last.finish_reason,
+        usage=last.usage,
+        model=last.model or pieces[0].model,
+    )
+
+
+async def bounded_stream(
+    chunks: AsyncIterable[StreamChunk], *, max_tokens: int, prompt_tokens: int = 0
+) -> AsyncIterator[StreamChunk]:
+    """Pass pieces through until `max_tokens` text pieces, then close `chunks` and finish `length`.
+
+    A safety net for upstreams that ignore `max_tokens`: each streamed piece holds at least one
+    token, so the bound never cuts a reply that kept to its budget.
+    """
+    count = 0
+    iterator = aiter(chunks)
+    try:
+        async for chunk in iterator:
+            if chunk.text:
+                count += 1
+            yield chunk
+            if chunk.finish_reason:
+                return
+            if count >= max_tokens:
+                yield StreamChunk(
+                    finish_reason="length",
+                    usage=Usage(prompt_tokens, count, prompt_tokens + count, estimated=True),
+                    model=chunk.model,
+                )
+                return
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()

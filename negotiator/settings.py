@@ -1,0 +1,206 @@
+"""Django settings, read once from the environment (the variables are listed in ../README.md).
+
+Nothing else in the project reads the environment: code reaches these values through
+`django.conf.settings` (the LLM ones through `llm.conf`), so tests override them with
+`override_settings`. Values that do not parse are kept as given and reported by the system
+checks in `llm/checks.py` instead of failing here with a traceback.
+"""
+
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+
+
+def _number(var: str, default: float, cast: type = float) -> float | str:
+    """Read a numeric variable; keep an unparsable value as text for `llm.E003` to report."""
+    try:
+        return cast(env.str(var, default=str(default)).strip())
+    except ValueError:
+        return env.str(var)
+
+
+def _words(var: str) -> list[str]:
+    return [word.strip() for word in env.list(var, default=[]) if word.strip()]
+
+
+# Django core ------------------------------------------------------------------
+
+DEBUG = env.bool("DJANGO_DEBUG", default=True)
+SECRET_KEY = env.str(
+    "DJANGO_SECRET_KEY",
+    default="django-insecure-dev-only-key-set-DJANGO_SECRET_KEY-in-production",
+)
+ALLOWED_HOSTS = _words("DJANGO_ALLOWED_HOSTS") or ["localhost", "127.0.0.1", "[::1]", "testserver"]
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "corsheaders",
+    "channels",
+    "ninja",
+    "llm",
+    "health",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "corsheaders.middleware.CorsMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "negotiator.urls"
+ASGI_APPLICATION = "negotiator.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env.str("REDIS_URL", default="")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL]},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+CORS_ALLOWED_ORIGINS = _words("CORS_ALLOWED_ORIGINS")
+
+# Bodies and frames larger than this are refused with MESSAGE_TOO_LARGE.
+LLM_MAX_REQUEST_BYTES = _number("LLM_MAX_REQUEST_BYTES", 1024 * 1024, int)
+DATA_UPLOAD_MAX_MEMORY_SIZE = (
+    LLM_MAX_REQUEST_BYTES if isinstance(LLM_MAX_REQUEST_BYTES, int) else 1024 * 1024
+)
+
+API_TOKEN = env.str("API_TOKEN", default="")
+
+# Where `make run` (manage.py serve) listens.
+SERVE_HOST = env.str("HOST", default="127.0.0.1")
+SERVE_PORT = _number("PORT", 8000, int)
+
+# LLM providers -----------------------------------------------------------------
+# Shaped like CHANNEL_LAYERS: one entry per alias, a BACKEND class and its CONFIG.
+
+_TIMEOUT = _number("LM_STUDIO_TIMEOUT", 30)
+
+LLM = {
+    "PROVIDER": env.str("LLM_PROVIDER", default="lm_studio").strip(),
+    "FALLBACK_PROVIDERS": _words("LLM_FALLBACK_PROVIDERS"),
+    "LOCAL_MODEL": env.str("LLM_LOCAL_MODEL", default="auto").strip().lower(),
+    "PROVIDERS": {
+        "lm_studio": {
+            "BACKEND": "llm.providers.lm_studio.LMStudioProvider",
+            "CONFIG": {
+                "base_url": env.str("LM_STUDIO_BASE_URL", default="http://localhost:1234/v1"),
+                "default_model": env.str("LM_STUDIO_DEFAULT_MODEL", default=""),
+                "read_timeout": _TIMEOUT,
+            },
+        },
+        "openrouter": {
+            "BACKEND": "llm.providers.openrouter.OpenRouterProvider",
+            "CONFIG": {
+                "base_url": env.str("OPENROUTER_BASE_URL", default="https://openrouter.ai/api/v1"),
+                "default_model": env.str("OPENROUTER_DEFAULT_MODEL", default="openrouter/auto"),
+                "api_key": env.str("OPENROUTER_API_KEY", default=""),
+                "enabled": env.bool("LLM_ENABLE_OPENROUTER", default=False),
+                "read_timeout": _TIMEOUT,
+                "site_url": env.str("OPENROUTER_SITE_URL", default="https://github.com/negotiator"),
+                "app_name": env.str("OPENROUTER_APP_NAME", default="Negotiator"),
+            },
+        },
+    },
+    # Shared by every provider unless its CONFIG says otherwise.
+    "DEFAULTS": {
+        "connect_timeout": _number("LLM_CONNECT_TIMEOUT", 5),
+        "idle_timeout": _number("LLM_STREAM_IDLE_TIMEOUT", 60),
+        "ping_timeout": _number("LLM_PING_TIMEOUT", 5),
+        "max_retries": _number("LLM_MAX_RETRIES", 3, int),
+        "retry_delay": _number("LLM_RETRY_DELAY", 2),
+        "retry_after_max": _number("LLM_RETRY_AFTER_MAX", 60),
+        "max_connections": _number("LLM_MAX_CONNECTIONS", 20, int),
+        "max_keepalive": _number("LLM_MAX_KEEPALIVE", 10, int),
+        "max_tokens": _number("LLM_MAX_TOKENS", 1024, int),
+    },
+}
+
+# Logging -----------------------------------------------------------------------
+
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()
+LOG_DIR = env.str("LOG_DIR", default="")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"redact_secrets": {"()": "negotiator.logging.RedactSecrets"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["redact_secrets"],
+        },
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django": {"handlers": [], "level": LOG_LEVEL, "propagate": True},
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+    },
+}
+if LOG_DIR:
+    Path(LOG_DIR).mkdir(parents=True, exist_ok=True)
+    LOGGING["handlers"]["file"] = {
+        "class": "logging.handlers.RotatingFileHandler",
+        "filename": str(Path(LOG_DIR) / "negotiator.log"),
+        "maxBytes": 10 * 1024 * 1024,
+        "backupCount": 5,
+        "formatter": "plain",
+        "filters": ["redact_secrets"],
+    }
+    LOGGING["root"]["handlers"].append("file")
+
+# Production hardening: on when debug is off.
+if not DEBUG:
+    SECURE_CONTENT_TYPE_NOSNIFF = True
+    SESSION_COOKIE_SECURE = env.bool("DJANGO_SECURE_COOKIES", default=True)
+    CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE

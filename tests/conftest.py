@@ -1,0 +1,88 @@
+"""Shared fixtures: LLM settings pointed at fake or real upstreams, and the real SmolLM2 server."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from llm.providers import providers
+
+UPSTREAM = "http://upstream.test/v1"
+OPENROUTER = "http://openrouter.test/api/v1"
+OPENROUTER_KEY = "sk-or-v1-TESTKEY-0123456789abcdef"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_providers() -> Iterator[None]:
+    providers.reset()
+    yield
+    providers.reset()
+
+
+@pytest.fixture
+def llm_config(settings: Any) -> Callable[..., dict[str, Any]]:
+    """Point both providers at fake hosts with instant retries; call it again to change options.
+
+    `llm_config(provider="openrouter", max_retries=1, lm_studio={"default_model": ""})`:
+    keyword options go to DEFAULTS, `lm_studio` / `openrouter` dicts to that provider's CONFIG.
+    """
+    base = copy.deepcopy(settings.LLM)
+    base["PROVIDER"] = "lm_studio"
+    base["FALLBACK_PROVIDERS"] = []
+    base["LOCAL_MODEL"] = "off"
+    base["PROVIDERS"]["lm_studio"]["CONFIG"].update(
+        base_url=UPSTREAM, default_model="test-model", read_timeout=5
+    )
+    base["PROVIDERS"]["openrouter"]["CONFIG"].update(
+        base_url=OPENROUTER, default_model="openrouter/auto", api_key=OPENROUTER_KEY, enabled=True,
+        read_timeout=5,
+    )
+    base["DEFAULTS"].update(
+        connect_timeout=2, idle_timeout=5, ping_timeout=2, max_retries=3, retry_delay=0,
+        retry_after_max=60, max_tokens=64,
+    )
+
+    def configure(
+        provider: str | None = None,
+        fallbacks: list[str] | None = None,
+        lm_studio: dict[str, Any] | None = None,
+        openrouter: dict[str, Any] | None = None,
+        **defaults: Any,
+    ) -> dict[str, Any]:
+        conf = copy.deepcopy(base)
+        if provider is not None:
+            conf["PROVIDER"] = provider
+        if fallbacks is not None:
+            conf["FALLBACK_PROVIDERS"] = fallbacks
+        conf["PROVIDERS"]["lm_studio"]["CONFIG"].update(lm_studio or {})
+        conf["PROVIDERS"]["openrouter"]["CONFIG"].update(openrouter or {})
+        conf["DEFAULTS"].update(defaults)
+        settings.LLM = conf
+        return conf
+
+    configure()
+    return configure
+
+
+@pytest.fixture(scope="session")
+def smollm2_server() -> Iterator[str]:
+    """The real bundled SmolLM2-135M-Instruct, served by llama-cpp-python on a random port."""
+    from llm.local_model import LocalModelServer
+
+    server = LocalModelServer()
+    server.start(ready_timeout=180)
+    try:
+        yield server.base_url
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def smollm2(smollm2_server: str, llm_config: Callable[..., dict[str, Any]]) -> str:
+    """LLM settings pointed at the real SmolLM2 server (its first listed model, as in production)."""
+    llm_config(lm_studio={"base_url": smollm2_server, "default_model": "", "read_timeout": 30},
+               idle_timeout=30, max_tokens=48)
+    return smollm2_server

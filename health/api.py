@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from django.http import HttpRequest
-from ninja import Router
+from ninja import Router, Status
 
 from negotiator import __version__
 
@@ -36,7 +36,7 @@ async def health(request: HttpRequest):
         "latency_ms": ping.latency_ms,
         "error": ping.error,
     }
-    return code, {"status": status, "version": __version__, "checks": {"database": database, "llm": llm}}
+    return Status(code, {"status": status, "version": __version__, "checks": {"database": database, "llm": llm}})
 
 
 @router.get(

@@ -1,0 +1,41 @@
+"""LLM inference: providers, the streaming pipeline, stored sessions and the WebSocket relay.
+
+What callers need, imported lazily (this package is a Django app, loaded before models are):
+
+    from llm import ChatRequest, Generation, get_provider
+    generation = Generation(ChatRequest(messages=[{"role": "user", "content": "Hi"}]))
+    async for event in generation.events(): ...      # Start, Token..., Done | Failed
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "ChatRequest": "llm.types",
+    "Completion": "llm.types",
+    "Message": "llm.types",
+    "StreamChunk": "llm.types",
+    "Usage": "llm.types",
+    "Generation": "llm.generation",
+    "Start": "llm.generation",
+    "Token": "llm.generation",
+    "Done": "llm.generation",
+    "Failed": "llm.generation",
+    "get_provider": "llm.providers",
+    "providers": "llm.providers",
+    "NegotiatorError": "llm.exceptions",
+    "LLMError": "llm.exceptions",
+    "ClientError": "llm.exceptions",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'llm' has no attribute {name!r}") from None
+    return getattr(import_module(module), name)

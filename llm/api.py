@@ -9,12 +9,14 @@ import orjson
 from django.http import HttpRequest, StreamingHttpResponse
 from ninja import Router
 
+from .auth import api_token, client_key
 from .generation import Done, Failed, Generation
+from .ratelimit import check_rate
 from .schemas import ErrorOut, GenerateIn, GenerateOut
 
 router = Router(tags=["llm"])
 
-ERROR_STATUSES = (400, 409, 413, 422, 502, 503)
+ERROR_STATUSES = (400, 401, 404, 409, 413, 422, 429, 502, 503)
 
 SSE_EXAMPLE = (
     'data: {"type": "start", "session_id": "5f0c...", "provider": "lm_studio", "model": "SmolLM2-135M-Instruct"}\n\n'
@@ -29,6 +31,7 @@ SSE_EXAMPLE = (
     "/generate",
     response={200: GenerateOut, ERROR_STATUSES: ErrorOut},
     summary="Generate a reply",
+    auth=api_token,
     description=(
         "Runs one completion on the selected provider. With `stream: false` (the default) the "
         "whole reply comes back as JSON. With `stream: true` the answer is `text/event-stream`: "
@@ -49,7 +52,8 @@ SSE_EXAMPLE = (
     },
 )
 async def generate(request: HttpRequest, payload: GenerateIn):
-    generation = Generation(payload.to_request())
+    await check_rate(client_key(ip=request.META.get("REMOTE_ADDR"), authenticated_by_token=request.auth == "token"))
+    generation = Generation(payload.to_request(), session_id=payload.session_key)
     if payload.stream:
         response = StreamingHttpResponse(sse_frames(generation), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"

@@ -97,17 +97,18 @@ def check_base_urls(**kwargs: Any) -> list[CheckMessage]:
 
 
 def check_numbers(**kwargs: Any) -> list[CheckMessage]:
+    """Each provider's options as it will run with them (its CONFIG over the DEFAULTS)."""
     conf = llm_settings()
-    values: dict[str, Any] = dict(conf.get("DEFAULTS", {}))
+    errors: list[CheckMessage] = []
     for entry in conf["PROVIDERS"].values():
-        values.update({k: v for k, v in entry.get("CONFIG", {}).items() if k in NUMBER_RULES})
-    errors = [
-        _number_error(ENV_NAMES[option], value, *NUMBER_RULES[option])
-        for option, value in values.items()
-        if option in NUMBER_RULES
-    ]
-    errors.append(_number_error("LLM_MAX_REQUEST_BYTES", settings.LLM_MAX_REQUEST_BYTES, True, 0, False))
-    return [error for error in errors if error is not None]
+        options = {**conf.get("DEFAULTS", {}), **entry.get("CONFIG", {})}
+        for option, value in options.items():
+            if option in NUMBER_RULES:
+                error = _number_error(ENV_NAMES[option], value, *NUMBER_RULES[option])
+                if error is not None and error not in errors:
+                    errors.append(error)
+    error = _number_error("LLM_MAX_REQUEST_BYTES", settings.LLM_MAX_REQUEST_BYTES, True, 0, False)
+    return errors + ([error] if error else [])
 
 
 def _number_error(name: str, value: Any, integer: bool, minimum: float, inclusive: bool) -> Error | None:
@@ -153,7 +154,23 @@ def check_openrouter_key(**kwargs: Any) -> list[CheckMessage]:
     return []
 
 
-ALL_CHECKS = (check_provider, check_base_urls, check_numbers, check_openrouter_key)
+def check_rate_limit(**kwargs: Any) -> list[CheckMessage]:
+    from .ratelimit import parse_rate
+
+    try:
+        parse_rate(settings.LLM_RATE_LIMIT)
+    except ValueError:
+        return [
+            Error(
+                f"LLM_RATE_LIMIT is {settings.LLM_RATE_LIMIT!r}, which is not a rate.",
+                hint="Set LLM_RATE_LIMIT to a count per period, e.g. 60/m, 5/s, 1000/h, or off.",
+                id="llm.E007",
+            )
+        ]
+    return []
+
+
+ALL_CHECKS = (check_provider, check_base_urls, check_numbers, check_openrouter_key, check_rate_limit)
 
 
 def run_llm_checks() -> list[CheckMessage]:

@@ -1,7 +1,9 @@
 """The one generation pipeline. Every face (WebSocket, HTTP, CLI, agents) runs it and renders its events.
 
     face -> Generation.events() -> provider.stream() -> bounded_stream -> coalesce_chunks
-                 yields Start, Token..., then exactly one Done or Failed
+                 |  yields Start, Token..., then exactly one Done or Failed
+                 |-> sessions (stored at the start, every SAVE_INTERVAL s, and at the end)
+                 '-> Broadcaster (the same frames to watchers, once someone watches)
 
 Events carry their contract frame (`event.frame()`), so a face only serialises them.
 """
@@ -9,16 +11,18 @@ Events carry their contract frame (`event.frame()`), so a face only serialises t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .broadcast import Broadcaster
 from .exceptions import NegotiatorError
 from .providers import get_provider
+from .sessions import SAVE_INTERVAL, checkpoint, close_session, open_session
 from .streaming import bounded_stream, coalesce_chunks, estimate_prompt_tokens, estimate_tokens
 from .types import ChatRequest, StreamChunk, Usage
 
@@ -79,17 +83,18 @@ Event = Start | Token | Done | Failed
 
 @dataclass
 class Generation:
-    """One reply being generated; its fields fill in as the stream goes (text, timings, usage)."""
+    """One reply being generated and stored; its fields fill in as the stream goes."""
 
     request: ChatRequest
+    session_id: str | None = None
     provider_alias: str | None = None
-    session_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     coalesce_delay: float = COALESCE_DELAY
     coalesce_chars: int = COALESCE_CHARS
 
     provider: str | None = None
     model: str | None = None
     parts: list[str] = field(default_factory=list)
+    length: int = 0
     finish_reason: str | None = None
     usage: Usage | None = None
     error: NegotiatorError | None = None
@@ -103,6 +108,18 @@ class Generation:
     def text(self) -> str:
         return "".join(self.parts)
 
+    @property
+    def status(self) -> str:
+        if self.finished_at is None:
+            return "streaming"
+        if self.error is not None:
+            return "failed"
+        return "cancelled" if self.finish_reason == "cancelled" else "completed"
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a new watcher is sent first: the reply so far and where live frames resume."""
+        return {"session_id": self.session_id, "status": self.status, "text": self.text, "offset": self.length}
+
     def cancel(self) -> None:
         """Stop the generation: the upstream closes at once and `events()` ends with `cancelled`."""
         self._cancel_requested = True
@@ -110,49 +127,96 @@ class Generation:
             self._reader.cancel()
 
     async def events(self) -> AsyncIterator[Event]:
-        """Run the generation. Closing this iterator, or cancelling its task, closes the upstream."""
+        """Open the session, stream the reply, store it; every event also goes to watchers.
+
+        Closing this iterator early, or cancelling its task (a client that left), closes the
+        upstream request and stores the session as `cancelled` with its partial text.
+        """
         provider = get_provider(self.provider_alias)
         self.provider = provider.alias
-        request = self.request
-        started = False
         try:
-            source = bounded_stream(
-                self._cancellable(provider.stream(request)),
-                max_tokens=request.max_tokens or provider.max_tokens,
-                prompt_tokens=estimate_prompt_tokens(request.messages),
-            )
-            chunks = coalesce_chunks(source, max_chars=self.coalesce_chars, max_delay=self.coalesce_delay)
-            async with aclosing(chunks):
-                async for chunk in chunks:
-                    if not started:
-                        started = True
-                        self.model = chunk.model or request.model or ""
-                        yield Start(self.session_id, self.provider, self.model)
-                    if chunk.text:
-                        if self.first_token_at is None:
-                            self.first_token_at = time.time()
-                        self.parts.append(chunk.text)
-                        yield Token(chunk.text)
-                    if chunk.finish_reason:
-                        self.finish_reason = chunk.finish_reason
-                        self.usage = chunk.usage
+            opened = await open_session(self.session_id, self.request.messages, provider.alias)
         except NegotiatorError as exc:
             self.error = exc
             self.finished_at = time.time()
-            logger.info("generation failed session=%s code=%s", self.session_id, exc.code)
-            yield Failed(self.session_id, exc)
+            yield Failed(None, exc)
             return
+        self.session_id = opened.session_id
+        request = replace(self.request, messages=[*opened.history, *self.request.messages])
+        broadcaster = Broadcaster(self.session_id, self.snapshot)
+        await broadcaster.start()
+        autosave = asyncio.create_task(self._autosave(opened.reply_position))
+        end: Done | Failed | None = None
+        try:
+            try:
+                async for event in self._stream(provider, request):
+                    await broadcaster.publish(event.frame(), self.length - len(event.text)
+                                              if isinstance(event, Token) else None)
+                    yield event
+            except NegotiatorError as exc:
+                self.error = exc
+                logger.info("generation failed session=%s code=%s", self.session_id, exc.code)
+            self._finish(request)
+            end = Failed(self.session_id, self.error) if self.error else Done(
+                self.session_id, self.finish_reason or "stop", self.usage
+            )
+        finally:
+            await _stop(autosave)
+            if end is None:  # the client left: keep what it got
+                self.finish_reason = "cancelled"
+                self._finish(request)
+                end = Done(self.session_id, "cancelled", self.usage)
+            await asyncio.shield(close_session(self, opened.reply_position))
+            await broadcaster.publish(end.frame())
+            await broadcaster.stop()
+        yield end
+
+    async def _stream(self, provider: Any, request: ChatRequest) -> AsyncIterator[Start | Token]:
+        """Start and Token events; sets finish reason and usage, raises `NegotiatorError`."""
+        started = False
+        source = bounded_stream(
+            self._cancellable(provider.stream(request)),
+            max_tokens=request.max_tokens or provider.max_tokens,
+            prompt_tokens=estimate_prompt_tokens(request.messages),
+        )
+        chunks = coalesce_chunks(source, max_chars=self.coalesce_chars, max_delay=self.coalesce_delay)
+        async with aclosing(chunks):
+            async for chunk in chunks:
+                if not started:
+                    started = True
+                    self.model = chunk.model or request.model or ""
+                    yield Start(self.session_id, self.provider, self.model)
+                if chunk.text:
+                    if self.first_token_at is None:
+                        self.first_token_at = time.time()
+                    self.parts.append(chunk.text)
+                    self.length += len(chunk.text)
+                    yield Token(chunk.text)
+                if chunk.finish_reason:
+                    self.finish_reason = chunk.finish_reason
+                    self.usage = chunk.usage
         if self._cancel_requested and self.finish_reason is None:
             self.finish_reason = "cancelled"
             if not started:
                 self.model = request.model or provider.default_model or ""
                 yield Start(self.session_id, self.provider, self.model)
+
+    def _finish(self, request: ChatRequest) -> None:
         self.finished_at = time.time()
         if self.usage is None or self.finish_reason == "cancelled":
             prompt = estimate_prompt_tokens(request.messages)
             completion = estimate_tokens(self.text)
             self.usage = Usage(prompt, completion, prompt + completion, estimated=True)
-        yield Done(self.session_id, self.finish_reason or "stop", self.usage)
+
+    async def _autosave(self, position: int) -> None:
+        saved = -1
+        while True:
+            await asyncio.sleep(SAVE_INTERVAL)
+            try:
+                await checkpoint(self.session_id, position, self.text if self.length != saved else "")
+                saved = self.length
+            except Exception:
+                logger.exception("checkpoint of session %s failed", self.session_id)
 
     async def _cancellable(self, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
         """Pass `chunks` through, in the task that reads the upstream, so `cancel()` can stop it."""
@@ -162,3 +226,9 @@ class Generation:
         async with aclosing(chunks):
             async for chunk in chunks:
                 yield chunk
+
+
+async def _stop(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

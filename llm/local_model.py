@@ -97,6 +97,13 @@ class LocalModelServer:
             "--n_ctx", "2048",
         ]
 
+    @staticmethod
+    def environment() -> dict[str, str]:
+        """A small environment: llama-cpp-python reads its settings from variables such as HOST,
+        PORT or API_KEY, and this project's own (PORT for `make run`) must not leak into it."""
+        keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "SYSTEMROOT")
+        return {name: os.environ[name] for name in keep if name in os.environ} | {"PYTHONUNBUFFERED": "1"}
+
     def start(self, ready_timeout: float = 120) -> None:
         command = self.command()
         with open(self.log_path, "wb") as log:
@@ -106,7 +113,7 @@ class LocalModelServer:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=self.environment(),
             )
         self.wait_ready(ready_timeout)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
+from uuid import UUID
 
 from ninja import Schema
 from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
@@ -17,8 +18,43 @@ class ChatMessageIn(Schema):
     content: StrictStr
 
 
-class GenerateIn(Schema):
+class GenerationParams(Schema):
     """What to generate: a conversation, and optional overrides of the provider's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessageIn] = Field(min_length=1, description="The conversation (or, with session_id, the new turn).")
+    model: StrictStr | None = Field(
+        default=None, min_length=1, description="Empty: the provider's default model."
+    )
+    max_tokens: StrictInt | None = Field(
+        default=None, ge=1, le=1_000_000, description="Empty: LLM_MAX_TOKENS."
+    )
+    temperature: StrictFloat | StrictInt | None = Field(default=None, ge=0, le=2)
+    session_id: UUID | None = Field(
+        default=None, description="Continue this stored session: its history is sent first."
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _float(cls, value: float | int | None) -> float | None:
+        return None if value is None else float(value)
+
+    @property
+    def session_key(self) -> str | None:
+        return str(self.session_id) if self.session_id else None
+
+    def to_request(self) -> ChatRequest:
+        return ChatRequest(
+            messages=[{"role": m.role, "content": m.content} for m in self.messages],
+            model=self.model,
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+        )
+
+
+class GenerateIn(GenerationParams):
+    """The body of `POST /api/v1/llm/generate`."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -37,33 +73,42 @@ class GenerateIn(Schema):
         },
     )
 
-    messages: list[ChatMessageIn] = Field(min_length=1, description="The conversation, oldest first.")
-    model: StrictStr | None = Field(
-        default=None, min_length=1, description="Empty: the provider's default model."
-    )
-    max_tokens: StrictInt | None = Field(
-        default=None, ge=1, le=1_000_000, description="Empty: LLM_MAX_TOKENS."
-    )
-    temperature: StrictFloat | StrictInt | None = Field(default=None, ge=0, le=2)
-    session_id: StrictStr | None = Field(
-        default=None, description="Continue this stored session (its history is sent first)."
-    )
     stream: StrictBool = Field(
         default=False, description="true: answer with text/event-stream frames instead of JSON."
     )
 
-    @field_validator("temperature")
-    @classmethod
-    def _float(cls, value: float | int | None) -> float | None:
-        return None if value is None else float(value)
 
-    def to_request(self) -> ChatRequest:
-        return ChatRequest(
-            messages=[{"role": m.role, "content": m.content} for m in self.messages],
-            model=self.model,
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-        )
+class GenerateFrame(GenerationParams):
+    """WebSocket `{"type": "generate", ...}`."""
+
+    type: Literal["generate"]
+
+
+class CancelFrame(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["cancel"]
+
+
+class WatchFrame(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["watch"]
+    session_id: UUID
+
+
+def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
+    """`messages.0.role: Input should be 'system', 'user' or 'assistant'; ...`: fields named."""
+    parts = []
+    for error in errors[:5]:
+        loc = list(error.get("loc", ()))
+        if loc and loc[0] in ("body", "query", "path"):
+            loc = loc[2:] if len(loc) > 1 and loc[1] == "payload" else loc[1:]
+        name = ".".join(str(p) for p in loc) or "body"
+        message = "unknown field" if error.get("type") == "extra_forbidden" else error.get("msg", "is invalid")
+        parts.append(f"{name}: {message}")
+    more = len(errors) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
 class ErrorDetail(Schema):

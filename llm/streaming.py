@@ -79,10 +79,8 @@ def _error_text(error: Any) -> str:
     if isinstance(error, dict):
         message = error.get("message") or "no message"
         code = error.get("code")
-        return f"Upstream reported an error in its stream ({code}): {message}" if code else (
-            f"Upstream reported an error in its stream: {message}"
-        )
-    return f"Upstream reported an error in its stream: {str(error)[:200]}"
+        return f"Upstream reported an error ({code}): {message}" if code else f"Upstream reported an error: {message}"
+    return f"Upstream reported an error: {str(error)[:200]}"
 
 
 def estimate_tokens(text: str) -> int:

@@ -19,7 +19,15 @@ from ninja.responses import NinjaJSONEncoder
 
 from health.api import router as health_router
 from llm.api import router as llm_router
-from llm.exceptions import InvalidJSON, InvalidRequest, MessageTooLarge, NegotiatorError
+from llm.sessions_api import router as sessions_router
+from llm.exceptions import (
+    InvalidJSON,
+    InvalidRequest,
+    MessageTooLarge,
+    NegotiatorError,
+    Unauthorized,
+)
+from llm.schemas import describe_validation_errors
 
 from . import __version__
 
@@ -66,6 +74,7 @@ api = NinjaAPI(
 )
 api.add_router("/", health_router)
 api.add_router("/llm", llm_router)
+api.add_router("/sessions", sessions_router)
 
 
 def error_response(request: HttpRequest, error: NegotiatorError) -> HttpResponse:
@@ -83,34 +92,37 @@ def on_negotiator_error(request: HttpRequest, exc: NegotiatorError) -> HttpRespo
 
 @api.exception_handler(ValidationError)
 def on_validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
+    if request.method in ("POST", "PUT", "PATCH") and not request.body:
+        # Ninja validates an empty body without parsing it; it is not JSON.
+        return error_response(request, InvalidJSON("The request body is empty: send a JSON object"))
     return error_response(request, InvalidRequest(describe_validation_errors(exc.errors)))
+
+
+@api.exception_handler(RequestDataTooBig)
+def on_body_too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
+    # Raised by Django when ninja first reads `request.body`, before our parser runs.
+    from django.conf import settings
+
+    return error_response(
+        request, MessageTooLarge(f"The request body is larger than {settings.LLM_MAX_REQUEST_BYTES} bytes")
+    )
 
 
 @api.exception_handler(HttpError)
 def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
-    # Ninja wraps parser errors in HttpError(400); ours carry the contract's code.
+    # Ninja wraps parser errors in HttpError(400); ours ride along as the cause.
     if isinstance(exc.__cause__, NegotiatorError):
         return error_response(request, exc.__cause__)
-    error = NegotiatorError(str(exc))
-    error.status, error.code = exc.status_code, _HTTP_CODES.get(exc.status_code, "HTTP_ERROR")
-    return error_response(request, error)
+    if exc.status_code == 401:
+        return error_response(
+            request, Unauthorized("Send `Authorization: Bearer <API_TOKEN>`, or log in as a staff user")
+        )
+    body = {"error": {"code": f"HTTP_{exc.status_code}", "message": str(exc)}}
+    return api.create_response(request, body, status=exc.status_code)
 
 
-_HTTP_CODES = {400: "INVALID_REQUEST", 401: "UNAUTHORIZED", 404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED",
-               429: "RATE_LIMITED"}
-
-
-def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
-    """`messages.0.role: Input should be 'system', 'user' or 'assistant'; ...` (fields named)."""
-    parts = []
-    for error in errors[:5]:
-        loc = list(error.get("loc", ()))
-        if loc and loc[0] in ("body", "query", "path"):
-            loc = loc[2:] if len(loc) > 1 and loc[1] == "payload" else loc[1:]
-        field = ".".join(str(p) for p in loc) or "body"
-        message = error.get("msg", "is invalid")
-        if error.get("type") == "extra_forbidden":
-            message = "unknown field"
-        parts.append(f"{field}: {message}")
-    more = len(errors) - 5
-    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+@api.exception_handler(Exception)
+def on_unexpected_error(request: HttpRequest, exc: Exception) -> HttpResponse:
+    logger.exception("unhandled error in %s %s", request.method, request.path)
+    body = {"error": {"code": "INTERNAL_ERROR", "message": "The server failed; the error is logged."}}
+    return api.create_response(request, body, status=500)

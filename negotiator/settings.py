@@ -94,6 +94,11 @@ if REDIS_URL:
 else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
@@ -111,6 +116,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = (
 )
 
 API_TOKEN = env.str("API_TOKEN", default="")
+# Generations per client (the API token's holder, else the IP address): "60/m", "5/s", or "off".
+LLM_RATE_LIMIT = env.str("LLM_RATE_LIMIT", default="60/m")
 
 # Where `make run` (manage.py serve) listens.
 SERVE_HOST = env.str("HOST", default="127.0.0.1")

@@ -22,6 +22,13 @@ def _fresh_providers() -> Iterator[None]:
     providers.reset()
 
 
+@pytest.fixture(autouse=True)
+def _open_api(settings: Any) -> None:
+    """No rate limit and no API token unless a test sets them (they have tests of their own)."""
+    settings.LLM_RATE_LIMIT = "off"
+    settings.API_TOKEN = ""
+
+
 @pytest.fixture
 def llm_config(settings: Any) -> Callable[..., dict[str, Any]]:
     """Point both providers at fake hosts with instant retries; call it again to change options.
@@ -86,3 +93,15 @@ def smollm2(smollm2_server: str, llm_config: Callable[..., dict[str, Any]]) -> s
     llm_config(lm_studio={"base_url": smollm2_server, "default_model": "", "read_timeout": 30},
                idle_timeout=30, max_tokens=48)
     return smollm2_server
+
+
+@pytest.fixture
+async def upstream(llm_config: Callable[..., dict[str, Any]]) -> Any:
+    """A real-socket fake upstream (tests/fake_upstream.py), selected as the lm_studio provider."""
+    from tests.fake_upstream import FakeUpstream
+
+    fake = FakeUpstream()
+    url = await fake.start()
+    llm_config(lm_studio={"base_url": url, "default_model": ""})
+    yield fake
+    await fake.stop()

@@ -13,6 +13,7 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import httpx
@@ -183,7 +184,10 @@ class OpenAICompatibleProvider:
         model = await self.resolve_model(request.model)
         payload = self.build_payload(request, model, stream=False)
         body = self._json(await self._send("POST", "chat/completions", model=model, json=payload))
-        raise_for_error(body, provider=self.alias)
+        try:
+            raise_for_error(body, provider=self.alias)
+        except LLMError as exc:
+            raise self._redacted(exc)
         try:
             choice = body["choices"][0]
             content = choice["message"].get("content") or ""
@@ -216,11 +220,13 @@ class OpenAICompatibleProvider:
         while True:
             delivered = False
             try:
-                async for chunk in self._stream_once(payload, model, attempt, prompt_tokens):
-                    delivered = delivered or bool(chunk.text)
-                    yield chunk
+                async with aclosing(self._stream_once(payload, model, attempt, prompt_tokens)) as chunks:
+                    async for chunk in chunks:
+                        delivered = delivered or bool(chunk.text)
+                        yield chunk
                 return
             except LLMError as exc:
+                self._redacted(exc)
                 if delivered:
                     raise
                 await self._before_retry(exc, attempt, retries=self.max_retries)
@@ -398,6 +404,13 @@ class OpenAICompatibleProvider:
 
     def redact(self, text: str) -> str:
         return text.replace(self._api_key, "[redacted]") if self._api_key else text
+
+    def _redacted(self, exc: LLMError) -> LLMError:
+        """The same error with our key cut out of its message (upstreams may echo it back)."""
+        if self._api_key and self._api_key in exc.message:
+            exc.message = self.redact(exc.message)
+            exc.args = (exc.message,)
+        return exc
 
     def _log(
         self, method: str, path: str, model: str, status: int | str, attempt: int, started: float, **extra: Any

@@ -1,0 +1,48 @@
+"""`API_TOKEN`: when set, generating and reading sessions need it (or a logged-in staff user)."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import parse_qs
+
+from django.conf import settings
+from django.http import HttpRequest
+from django.utils.crypto import constant_time_compare
+
+
+def token_matches(given: str | None) -> bool:
+    expected = settings.API_TOKEN
+    return bool(expected) and given is not None and constant_time_compare(given, expected)
+
+
+def _is_staff(user: Any) -> bool:
+    return bool(user is not None and user.is_active and user.is_staff)
+
+
+async def api_token(request: HttpRequest) -> Any:
+    """Ninja auth: the token, a staff user, or anyone when no `API_TOKEN` is set; None -> 401."""
+    if not settings.API_TOKEN:
+        return "anonymous"
+    scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token_matches(credentials.strip()):
+        return "token"
+    user = await request.auser()
+    return user if _is_staff(user) else None
+
+
+def socket_token(scope: dict[str, Any]) -> str | None:
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    values = query.get("token")
+    return values[0] if values else None
+
+
+def socket_authorized(scope: dict[str, Any]) -> bool:
+    """The WebSocket form: `?token=` on the URL, or a staff user's session cookie."""
+    if not settings.API_TOKEN:
+        return True
+    return token_matches(socket_token(scope)) or _is_staff(scope.get("user"))
+
+
+def client_key(*, ip: str | None, authenticated_by_token: bool) -> str:
+    """Whom a rate limit counts: the token's holder, else the client's address."""
+    return "token" if authenticated_by_token else f"ip:{ip or 'unknown'}"

@@ -1,0 +1,86 @@
+"""Watchers: a generation's frames go to its session's channel-layer group once someone watches.
+
+    watcher                               generating process
+    group_add(frames_group)
+    group_send(control_group, llm.watch)  ->  Broadcaster answers llm.snapshot (status, text,
+                                              offset) to the watcher's channel, then publishes
+    llm.frame {frame, offset}             <-  every later frame to frames_group
+
+Token frames carry the offset of their text in the reply, so a watcher drops what its snapshot
+already holds however the layer orders the two: nothing missing, nothing doubled.
+A generation nobody watches sends nothing to the layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from channels.layers import get_channel_layer
+
+logger = logging.getLogger("llm.broadcast")
+
+
+def frames_group(session_id: str) -> str:
+    return f"llm.session.{session_id}"
+
+
+def control_group(session_id: str) -> str:
+    return f"llm.session.{session_id}.ctl"
+
+
+class Broadcaster:
+    """Publishes one generation's frames to its watchers and answers their snapshot requests."""
+
+    def __init__(self, session_id: str, snapshot: Callable[[], dict[str, Any]]) -> None:
+        self.session_id = session_id
+        self.snapshot = snapshot
+        self.watched = False
+        self.layer = get_channel_layer()
+        self._channel: str | None = None
+        self._listener: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        if self.layer is None:
+            return
+        self._channel = await self.layer.new_channel("llm.gen.")
+        await self.layer.group_add(control_group(self.session_id), self._channel)
+        self._listener = asyncio.create_task(self._listen())
+
+    async def publish(self, frame: dict[str, Any], offset: int | None = None) -> None:
+        if not self.watched or self.layer is None:
+            return
+        message = {"type": "llm.frame", "session_id": self.session_id, "frame": frame, "offset": offset}
+        try:
+            await self.layer.group_send(frames_group(self.session_id), message)
+        except Exception:  # a broken layer must never break the generation itself
+            logger.exception("could not publish a frame of session %s", self.session_id)
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+        if self._channel is not None and self.layer is not None:
+            with contextlib.suppress(Exception):
+                await self.layer.group_discard(control_group(self.session_id), self._channel)
+
+    async def _listen(self) -> None:
+        assert self.layer is not None and self._channel is not None
+        while True:
+            try:
+                message = await self.layer.receive(self._channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("watch requests of session %s: receive failed", self.session_id)
+                await asyncio.sleep(0.5)
+                continue
+            if message.get("type") == "llm.watch" and message.get("reply_to"):
+                self.watched = True
+                reply = {"type": "llm.snapshot", **self.snapshot()}
+                with contextlib.suppress(Exception):
+                    await self.layer.send(message["reply_to"], reply)

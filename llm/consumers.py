@@ -1,0 +1,221 @@
+"""WebSocket face of the pipeline at `/ws/llm/stream/`: generate, cancel and watch over JSON frames.
+
+Every bad frame gets an `error` frame with the contract's code and the socket stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import aclosing
+from typing import Any
+
+import orjson
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.conf import settings
+from pydantic import ValidationError
+
+from .auth import client_key, socket_authorized, socket_token, token_matches
+from .broadcast import control_group, frames_group
+from .exceptions import (
+    ClientError,
+    GenerationInProgress,
+    InvalidJSON,
+    InvalidRequest,
+    MessageTooLarge,
+    NegotiatorError,
+    SessionNotFound,
+    UnknownType,
+)
+from .generation import Generation
+from .ratelimit import check_rate
+from .schemas import CancelFrame, GenerateFrame, WatchFrame, describe_validation_errors
+from .sessions import stored_reply
+
+logger = logging.getLogger("llm.consumers")
+
+FRAMES = {"generate": GenerateFrame, "cancel": CancelFrame, "watch": WatchFrame}
+# How long a watcher waits for the generating process to answer before reading the database.
+SNAPSHOT_TIMEOUT = 2.0
+# Closing waits this long for the generation to store its partial reply.
+CLOSE_TIMEOUT = 5.0
+POLICY_VIOLATION = 4401
+
+
+class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
+    """One socket: at most one generation at a time, and at most one watched session."""
+
+    async def connect(self) -> None:
+        self.generation: Generation | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.watch = _Watch()
+        if not socket_authorized(self.scope):
+            await self.close(code=POLICY_VIOLATION)
+            return
+        await self.accept()
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
+        # Parsed here rather than in `decode_json` so a bad frame gets an error frame, not a crash.
+        try:
+            content = self._parse(text_data, bytes_data)
+        except ClientError as exc:
+            await self._send_error(exc)
+            return
+        await self.receive_json(content)
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        try:
+            frame = self._validate(content)
+            if isinstance(frame, GenerateFrame):
+                await self._generate(frame)
+            elif isinstance(frame, CancelFrame):
+                if self.generation is not None:
+                    self.generation.cancel()
+            else:
+                await self._watch(str(frame.session_id))
+        except ClientError as exc:
+            await self._send_error(exc)
+
+    async def disconnect(self, code: int) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            await asyncio.wait([self.task], timeout=CLOSE_TIMEOUT)
+        await self._stop_watching()
+
+    # Frames -----------------------------------------------------------------------------------
+
+    def _parse(self, text_data: str | None, bytes_data: bytes | None) -> Any:
+        limit = settings.LLM_MAX_REQUEST_BYTES
+        if text_data is None:
+            if bytes_data is not None and len(bytes_data) > limit:
+                raise MessageTooLarge(f"The frame is larger than {limit} bytes")
+            raise InvalidJSON("Frames must be JSON text; binary frames are not accepted")
+        if len(text_data) > limit or len(text_data.encode()) > limit:
+            raise MessageTooLarge(f"The frame is larger than {limit} bytes")
+        try:
+            return orjson.loads(text_data)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidJSON(f"The frame is not valid JSON: {exc}") from exc
+
+    def _validate(self, content: Any) -> GenerateFrame | CancelFrame | WatchFrame:
+        if not isinstance(content, dict):
+            raise InvalidRequest("A frame must be a JSON object with a `type`")
+        kind = content.get("type")
+        if kind is None:
+            raise InvalidRequest("type: field required (generate, cancel or watch)")
+        schema = FRAMES.get(kind) if isinstance(kind, str) else None
+        if schema is None:
+            raise UnknownType(f"Unknown frame type {str(kind)[:50]!r}: use generate, cancel or watch")
+        try:
+            return schema.model_validate(content)
+        except ValidationError as exc:
+            raise InvalidRequest(describe_validation_errors(exc.errors())) from exc
+
+    async def _generate(self, frame: GenerateFrame) -> None:
+        if self.task is not None and not self.task.done():
+            raise GenerationInProgress("A generation is still streaming on this connection: cancel it first")
+        by_token = token_matches(socket_token(self.scope))
+        client = self.scope.get("client") or (None, None)
+        await check_rate(client_key(ip=client[0], authenticated_by_token=by_token))
+        self.generation = Generation(frame.to_request(), session_id=frame.session_key)
+        self.task = asyncio.create_task(self._run(self.generation))
+
+    async def _run(self, generation: Generation) -> None:
+        async with aclosing(generation.events()) as events:
+            async for event in events:
+                await self.send_json(event.frame())
+
+    async def _send_error(self, error: NegotiatorError, session_id: str | None = None) -> None:
+        frame: dict[str, Any] = {"type": "error"}
+        if session_id:
+            frame["session_id"] = session_id
+        await self.send_json(frame | error.as_dict())
+
+    @classmethod
+    async def encode_json(cls, content: Any) -> str:
+        return orjson.dumps(content).decode()
+
+    # Watching ---------------------------------------------------------------------------------
+
+    async def _watch(self, session_id: str) -> None:
+        await self._stop_watching()
+        found = await stored_reply(session_id)
+        if found is None:
+            raise SessionNotFound(f"Session {session_id} does not exist")
+        session, text = found
+        if session.status != "streaming":
+            await self.send_json(_watching(session_id, session.status, text))
+            return
+        self.watch = _Watch(session_id)
+        await self.channel_layer.group_add(frames_group(session_id), self.channel_name)
+        await self.channel_layer.group_send(
+            control_group(session_id), {"type": "llm.watch", "reply_to": self.channel_name}
+        )
+        self.watch.fallback = asyncio.create_task(self._snapshot_from_database(session_id))
+
+    async def _snapshot_from_database(self, session_id: str) -> None:
+        """No generating process answered: show what was stored (it may have just ended)."""
+        await asyncio.sleep(SNAPSHOT_TIMEOUT)
+        if self.watch.session_id != session_id or not self.watch.pending:
+            return
+        found = await stored_reply(session_id)
+        status, text = (found[0].status, found[1]) if found else ("interrupted", "")
+        await self.llm_snapshot({"session_id": session_id, "status": status, "text": text, "offset": len(text)})
+
+    async def llm_snapshot(self, event: dict[str, Any]) -> None:
+        """The generating process's answer to our watch: the reply so far, then buffered frames."""
+        watch = self.watch
+        if event.get("session_id") != watch.session_id or not watch.pending:
+            return
+        watch.pending = False
+        watch.offset = event["offset"]
+        await self.send_json(_watching(watch.session_id, event["status"], event["text"]))
+        buffered, watch.buffer = watch.buffer, []
+        for message in buffered:
+            await self._forward(message)
+        if event["status"] != "streaming" and self.watch is watch:
+            await self._stop_watching()
+
+    async def llm_frame(self, event: dict[str, Any]) -> None:
+        if event.get("session_id") != self.watch.session_id:
+            return
+        if self.watch.pending:
+            self.watch.buffer.append(event)
+        else:
+            await self._forward(event)
+
+    async def _forward(self, message: dict[str, Any]) -> None:
+        watch, frame, offset = self.watch, message["frame"], message.get("offset")
+        if offset is not None:
+            if offset < watch.offset:
+                return  # already in the snapshot
+            watch.offset = offset + len(frame["text"])
+        elif frame["type"] == "start":
+            return  # the watcher's `watching` frame stands for it
+        await self.send_json(frame)
+        if frame["type"] in ("done", "error"):
+            await self._stop_watching()
+
+    async def _stop_watching(self) -> None:
+        watch, self.watch = self.watch, _Watch()
+        if watch.fallback is not None and watch.fallback is not asyncio.current_task():
+            watch.fallback.cancel()
+        if watch.session_id is not None:
+            with contextlib.suppress(Exception):
+                await self.channel_layer.group_discard(frames_group(watch.session_id), self.channel_name)
+
+
+class _Watch:
+    """The session this socket watches: waiting for its snapshot, or forwarding live frames."""
+
+    def __init__(self, session_id: str | None = None) -> None:
+        self.session_id = session_id
+        self.pending = session_id is not None
+        self.offset = 0
+        self.buffer: list[dict[str, Any]] = []
+        self.fallback: asyncio.Task[None] | None = None
+
+
+def _watching(session_id: str, status: str, text: str) -> dict[str, Any]:
+    return {"type": "watching", "session_id": session_id, "status": status, "text": text}

@@ -1,0 +1,192 @@
+"""Persistence of generations: open (create or continue) a session, checkpoint the reply, close it.
+
+Writes go through `database_sync_to_async` (one transaction each), never per token: the reply is
+saved every `SAVE_INTERVAL` seconds while it streams and once at the end, so a crash loses at
+most those seconds. `recover_interrupted()` marks sessions whose process died as `interrupted`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone as dt_timezone
+from typing import TYPE_CHECKING
+
+from channels.db import database_sync_to_async
+from django.db import transaction
+from django.db.models import Max
+from django.utils import timezone
+
+from .exceptions import GenerationInProgress, SessionNotFound
+from .models import Message, Session
+from .types import Message as MessageDict
+
+if TYPE_CHECKING:
+    from .generation import Generation
+
+logger = logging.getLogger("llm.sessions")
+
+SAVE_INTERVAL = 2.0
+# A streaming session whose process has not saved for this long is taken for dead.
+STALE_AFTER = timedelta(seconds=60)
+
+
+def worker_id() -> str:
+    """This process, as stored on the sessions it streams (computed per call: safe across fork)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _at(timestamp: float | None) -> datetime | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, tz=dt_timezone.utc)
+
+
+@dataclass
+class OpenedSession:
+    session_id: str
+    history: list[MessageDict]
+    reply_position: int
+
+
+@database_sync_to_async
+def open_session(session_id: str | None, messages: list[MessageDict], provider: str) -> OpenedSession:
+    """Create a session, or claim a stored one for a new turn; store the new messages.
+
+    Returns the whole conversation to send upstream (stored history first).
+    """
+    now = timezone.now()
+    with transaction.atomic():
+        if session_id is None:
+            session = Session.objects.create(provider=provider, worker=worker_id(), updated_at=now)
+            history: list[MessageDict] = []
+            start = 0
+        else:
+            claimed = (
+                Session.objects.filter(pk=session_id)
+                .exclude(status=Session.Status.STREAMING)
+                .update(
+                    status=Session.Status.STREAMING, provider=provider, worker=worker_id(), updated_at=now,
+                    finish_reason="", error_code="", error_message="", prompt_tokens=None,
+                    completion_tokens=None, usage_estimated=False, first_token_at=None,
+                    finished_at=None, ttft_ms=None, tokens_per_second=None,
+                )
+            )
+            if not claimed:
+                if Session.objects.filter(pk=session_id).exists():
+                    raise GenerationInProgress(f"Session {session_id} is already generating a reply")
+                raise SessionNotFound(f"Session {session_id} does not exist")
+            session = Session.objects.get(pk=session_id)
+            history = [
+                {"role": role, "content": content}
+                for role, content in session.messages.order_by("position").values_list("role", "content")
+            ]
+            start = (session.messages.aggregate(last=Max("position"))["last"] or -1) + 1
+        Message.objects.bulk_create(
+            Message(session=session, position=start + i, role=m["role"], content=m["content"], created_at=now)
+            for i, m in enumerate(messages)
+        )
+    return OpenedSession(str(session.pk), history, start + len(messages))
+
+
+@database_sync_to_async
+def checkpoint(session_id: str, position: int, text: str) -> None:
+    """Save the reply so far (or only mark the session alive when `text` is unchanged)."""
+    now = timezone.now()
+    with transaction.atomic():
+        if text:
+            Message.objects.update_or_create(
+                session_id=session_id, position=position,
+                defaults={"role": Message.Role.ASSISTANT, "content": text},
+            )
+        Session.objects.filter(pk=session_id).update(updated_at=now)
+
+
+@database_sync_to_async
+def close_session(generation: Generation, position: int) -> None:
+    """Store the reply and how it ended: status, finish reason, error, usage, timings."""
+    g = generation
+    if g.error is not None:
+        status = Session.Status.FAILED
+    elif g.finish_reason == "cancelled":
+        status = Session.Status.CANCELLED
+    else:
+        status = Session.Status.COMPLETED
+    ttft_ms = tokens_per_second = None
+    if g.first_token_at is not None:
+        ttft_ms = round((g.first_token_at - g.created_at) * 1000, 1)
+        if g.usage is not None and g.finished_at is not None and g.finished_at > g.first_token_at:
+            tokens_per_second = round(g.usage.completion_tokens / (g.finished_at - g.first_token_at), 1)
+    with transaction.atomic():
+        if g.text:
+            Message.objects.update_or_create(
+                session_id=g.session_id, position=position,
+                defaults={"role": Message.Role.ASSISTANT, "content": g.text},
+            )
+        Session.objects.filter(pk=g.session_id).update(
+            status=status,
+            provider=g.provider or "",
+            model=g.model or "",
+            finish_reason=g.finish_reason or "",
+            error_code=g.error.code if g.error else "",
+            error_message=g.error.message if g.error else "",
+            prompt_tokens=g.usage.prompt_tokens if g.usage else None,
+            completion_tokens=g.usage.completion_tokens if g.usage else None,
+            usage_estimated=g.usage.estimated if g.usage else False,
+            first_token_at=_at(g.first_token_at),
+            finished_at=_at(g.finished_at) or timezone.now(),
+            ttft_ms=ttft_ms,
+            tokens_per_second=tokens_per_second,
+            updated_at=timezone.now(),
+        )
+
+
+async def stored_reply(session_id: str) -> tuple[Session, str] | None:
+    """The session and the text of its latest reply (empty when the last turn is not a reply)."""
+    session = await Session.objects.filter(pk=session_id).afirst()
+    if session is None:
+        return None
+    last = await session.messages.order_by("-position").afirst()
+    return session, (last.content if last is not None and last.role == Message.Role.ASSISTANT else "")
+
+
+def _alive(worker: str) -> bool:
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's process: only staleness can tell
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_interrupted() -> int:
+    """Mark `interrupted` the sessions left `streaming` by a dead process (run at start-up)."""
+    streaming = Session.objects.filter(status=Session.Status.STREAMING)
+    stale_before = timezone.now() - STALE_AFTER
+    dead = [
+        pk for pk, worker, updated in streaming.values_list("pk", "worker", "updated_at")
+        if updated < stale_before or not _alive(worker)
+    ]
+    if not dead:
+        return 0
+    count = Session.objects.filter(pk__in=dead, status=Session.Status.STREAMING).update(
+        status=Session.Status.INTERRUPTED,
+        error_code="INTERRUPTED",
+        error_message="The server stopped while this reply was streaming; the text saved so far is kept.",
+        finished_at=timezone.now(),
+    )
+    logger.warning("marked %d session(s) left streaming by a dead process as interrupted", count)
+    return count
+
+
+def is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(str(value))
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,96 @@
+"""`GET /api/v1/sessions` (paginated, filtered) and `GET /api/v1/sessions/{id}` (with its messages)."""
+
+
+from datetime import datetime
+from typing import Literal
+from uuid import UUID
+
+from django.http import HttpRequest
+from ninja import Field, FilterSchema, Query, Router, Schema
+from ninja.pagination import PageNumberPagination, paginate
+
+from .auth import api_token
+from .exceptions import SessionNotFound
+from .models import Message, Session
+from .schemas import ErrorDetail, ErrorOut, UsageOut
+
+router = Router(tags=["sessions"], auth=api_token)
+
+
+class MessageOut(Schema):
+    position: int
+    role: Literal["system", "user", "assistant"]
+    content: str
+    created_at: datetime
+
+
+class SessionOut(Schema):
+    id: UUID
+    provider: str
+    model: str = Field(description="As the upstream reported it.")
+    status: Literal["streaming", "completed", "cancelled", "failed", "interrupted"]
+    finish_reason: str | None
+    error: ErrorDetail | None
+    usage: UsageOut | None
+    created_at: datetime
+    first_token_at: datetime | None
+    finished_at: datetime | None
+    ttft_ms: float | None
+    tokens_per_second: float | None
+
+    @staticmethod
+    def resolve_finish_reason(obj: Session) -> str | None:
+        return obj.finish_reason or None
+
+    @staticmethod
+    def resolve_error(obj: Session) -> dict[str, str] | None:
+        return {"code": obj.error_code, "message": obj.error_message} if obj.error_code else None
+
+    @staticmethod
+    def resolve_usage(obj: Session) -> dict[str, int | bool] | None:
+        if obj.prompt_tokens is None and obj.completion_tokens is None:
+            return None
+        return {
+            "prompt_tokens": obj.prompt_tokens or 0,
+            "completion_tokens": obj.completion_tokens or 0,
+            "total_tokens": obj.total_tokens or 0,
+            "estimated": obj.usage_estimated,
+        }
+
+
+class SessionDetailOut(SessionOut):
+    messages: list[MessageOut]
+
+    @staticmethod
+    def resolve_messages(obj: Session) -> list[Message]:
+        return obj.ordered_messages  # loaded by the view: async code cannot query lazily
+
+
+class SessionFilters(FilterSchema):
+    status: Literal["streaming", "completed", "cancelled", "failed", "interrupted"] | None = None
+    provider: str | None = None
+    model: str | None = None
+
+
+@router.get(
+    "",
+    response={200: list[SessionOut], 401: ErrorOut, 422: ErrorOut},
+    summary="List stored sessions",
+    description="Newest first; filter by status, provider and model; `page` and `page_size` paginate.",
+)
+@paginate(PageNumberPagination, page_size=50)
+async def list_sessions(request: HttpRequest, filters: Query[SessionFilters]):
+    return filters.filter(Session.objects.all())
+
+
+@router.get(
+    "/{session_id}",
+    response={200: SessionDetailOut, 401: ErrorOut, 404: ErrorOut, 422: ErrorOut},
+    summary="Read one stored session with its messages",
+)
+async def get_session(request: HttpRequest, session_id: UUID):
+    session = await Session.objects.filter(pk=session_id).afirst()
+    if session is None:
+        raise SessionNotFound(f"Session {session_id} does not exist")
+    session.ordered_messages = [m async for m in session.messages.order_by("position")]
+    return session

@@ -46,7 +46,8 @@ class Broadcaster:
     async def start(self) -> None:
         if self.layer is None:
             return
-        self._channel = await self.layer.new_channel("llm.gen.")
+        # The default prefix: channels-redis polls one key per process for all such channels.
+        self._channel = await self.layer.new_channel()
         await self.layer.group_add(control_group(self.session_id), self._channel)
         self._listener = asyncio.create_task(self._listen())
 

@@ -96,7 +96,13 @@ async def test_real_socket_streams_a_real_reply_and_stores_it(daphne: str) -> No
     assert stored["usage"]["estimated"] is True
 
 
+@pytest.mark.timeout(90)
 async def test_watch_from_a_second_socket_and_cancel_by_closing(daphne: str) -> None:
+    async with asyncio.timeout(60):
+        await _watch_and_cancel_by_closing(daphne)
+
+
+async def _watch_and_cancel_by_closing(daphne: str) -> None:
     long = GENERATE | {"max_tokens": 200, "messages": [{"role": "user", "content": "Write a long story."}]}
     generator = await websockets.connect(ws_url(daphne))
     await generator.send(json.dumps(long))

@@ -1,0 +1,376 @@
+"""Stored sessions (issue 3, item 5): what a generation stores, how often, and start-up recovery.
+
+Generations run through `POST /api/v1/llm/generate` against the real-socket fake upstream. The
+pipeline writes from worker threads, hence `transaction=True`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.db import connections
+from django.test import AsyncClient
+from django.utils import timezone
+
+import llm.generation
+import llm.sessions
+from llm.models import Message, Session
+from llm.providers import providers
+from tests.fake_upstream import Reply
+
+GENERATE = "/api/v1/llm/generate"
+CONVERSATION = [
+    {"role": "system", "content": "You sell bicycles."},
+    {"role": "user", "content": "How much for the blue one?"},
+]
+DEAD_WORKER = f"{socket.gethostname()}:999999"
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients(llm_config: Callable[..., Any]) -> AsyncIterator[None]:
+    yield
+    await providers.aclose()
+    # The async ORM queries above ran in asgiref's thread: close its connection (PostgreSQL
+    # refuses to drop the test database while one is open).
+    await sync_to_async(connections.close_all)()
+
+
+async def generate(body: dict[str, Any]) -> Any:
+    return await AsyncClient().post(GENERATE, body, content_type="application/json")
+
+
+async def only_session() -> Session:
+    sessions = [s async for s in Session.objects.all()]
+    assert len(sessions) == 1, sessions
+    return sessions[0]
+
+
+async def messages_of(session: Session) -> list[tuple[int, str, str]]:
+    return [(m.position, m.role, m.content) async for m in session.messages.order_by("position")]
+
+
+# A completed generation -------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_completed_generation_is_stored_with_usage_timings_and_messages(upstream: Any) -> None:
+    tokens = ["The", " blue", " one", " is", " 150", "."]
+    upstream.replies.append(Reply(tokens=tokens, ttft=0.05, delay=0.02))
+
+    before = timezone.now()
+    response = await generate({"messages": CONVERSATION})
+    after = timezone.now()
+    assert response.status_code == 200, response.content
+    body = response.json()
+
+    session = await only_session()
+    assert str(session.id) == body["session_id"]
+    assert session.provider == "lm_studio"
+    assert session.model == "fake-model"  # as the upstream reported it, not the configured name
+    assert session.status == Session.Status.COMPLETED
+    assert session.finish_reason == "stop"
+    assert session.error_code == "" and session.error_message == ""
+    # LM Studio sends no usage: counted here, and marked so.
+    assert session.usage_estimated is True
+    assert session.prompt_tokens == body["usage"]["prompt_tokens"] > 0
+    assert session.completion_tokens == body["usage"]["completion_tokens"] > 0
+    # Timings, in order.
+    assert session.first_token_at is not None and session.finished_at is not None
+    assert before <= session.created_at < session.first_token_at <= session.finished_at <= after
+    assert session.ttft_ms is not None and session.ttft_ms > 0
+    assert session.ttft_ms >= 40  # the upstream waited 50 ms before its first token
+    assert session.tokens_per_second is not None and session.tokens_per_second > 0
+
+    assert await messages_of(session) == [
+        (0, "system", "You sell bicycles."),
+        (1, "user", "How much for the blue one?"),
+        (2, "assistant", "".join(tokens)),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_upstream_usage_is_stored_as_not_estimated(upstream: Any) -> None:
+    usage = {"prompt_tokens": 17, "completion_tokens": 3, "total_tokens": 20}
+    upstream.replies.append(Reply(tokens=["a", "b", "c"], delay=0.01, usage=usage))
+
+    response = await generate({"messages": CONVERSATION})
+    assert response.status_code == 200, response.content
+
+    session = await only_session()
+    assert session.status == Session.Status.COMPLETED
+    assert (session.prompt_tokens, session.completion_tokens) == (17, 3)
+    assert session.usage_estimated is False
+    assert session.total_tokens == 20
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_streamed_generation_is_stored_too(upstream: Any) -> None:
+    upstream.replies.append(Reply(tokens=["x", "y", "z"], delay=0.01))
+    response = await AsyncClient().post(
+        GENERATE, {"messages": CONVERSATION, "stream": True}, content_type="application/json"
+    )
+    assert response.status_code == 200
+    body = b"".join([chunk async for chunk in response.streaming_content])
+    assert b'"type":"done"' in body.replace(b" ", b"")
+
+    session = await only_session()
+    assert session.status == Session.Status.COMPLETED
+    assert (await messages_of(session))[-1] == (2, "assistant", "xyz")
+
+
+# Failures keep their partial text -------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_cut_stream_is_stored_failed_with_its_partial_text(upstream: Any) -> None:
+    tokens = ["one", " two", " three", " four", " five"]
+    upstream.replies.append(Reply(tokens=tokens, delay=0.01, cut_after=3))
+
+    response = await generate({"messages": CONVERSATION})
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "LLM_BAD_GATEWAY"
+
+    session = await only_session()
+    assert session.status == Session.Status.FAILED
+    assert session.error_code == "LLM_BAD_GATEWAY"
+    assert session.error_message
+    assert session.finished_at is not None
+    assert session.model == "fake-model"
+    assert await messages_of(session) == [
+        (0, "system", "You sell bicycles."),
+        (1, "user", "How much for the blue one?"),
+        (2, "assistant", "one two three"),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_in_stream_error_chunk_is_stored_failed_with_its_partial_text(upstream: Any) -> None:
+    upstream.replies.append(Reply(tokens=["al", "pha", "beta"], error_after=2))
+
+    response = await generate({"messages": CONVERSATION})
+    assert response.status_code == 502
+
+    session = await only_session()
+    assert session.status == Session.Status.FAILED
+    assert session.error_code == "LLM_BAD_GATEWAY"
+    assert (await messages_of(session))[-1] == (2, "assistant", "alpha")
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_stalled_stream_is_stored_failed_timeout_with_its_partial_text(
+    upstream: Any, llm_config: Callable[..., Any]
+) -> None:
+    llm_config(lm_studio={"base_url": upstream.base_url, "default_model": ""}, idle_timeout=0.3)
+    upstream.replies.append(Reply(tokens=["slow", "ly", "never"], stall_after=2))
+
+    response = await generate({"messages": CONVERSATION})
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "LLM_TIMEOUT"
+
+    session = await only_session()
+    assert session.status == Session.Status.FAILED
+    assert session.error_code == "LLM_TIMEOUT"
+    assert (await messages_of(session))[-1] == (2, "assistant", "slowly")
+
+
+# Writes: every SAVE_INTERVAL, not per token ----------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_reply_is_checkpointed_periodically_not_per_token(upstream: Any, monkeypatch: Any) -> None:
+    tokens = [f" t{i}" for i in range(40)]
+    upstream.replies.append(Reply(tokens=tokens, delay=0.05))  # about 2 s
+    calls: list[tuple[float, str]] = []
+    original = llm.generation.checkpoint
+
+    async def counting_checkpoint(session_id: str, position: int, text: str) -> None:
+        calls.append((time.monotonic(), text))
+        await original(session_id, position, text)
+
+    monkeypatch.setattr(llm.generation, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr(llm.generation, "SAVE_INTERVAL", 0.2)
+    monkeypatch.setattr(llm.sessions, "SAVE_INTERVAL", 0.2)
+
+    task = asyncio.create_task(generate({"messages": CONVERSATION}))
+    seen: list[str] = []  # the stored reply, read from the database while it streams
+    try:
+        deadline = time.monotonic() + 10
+        while not task.done() and time.monotonic() < deadline:
+            reply = await Message.objects.filter(role="assistant").afirst()
+            session = await Session.objects.afirst()
+            if reply is not None and session is not None and session.status == Session.Status.STREAMING:
+                seen.append(reply.content)
+            await asyncio.sleep(0.05)
+        response = await asyncio.wait_for(task, 10)
+    finally:
+        task.cancel()
+    assert response.status_code == 200, response.content
+    final = "".join(tokens)
+    assert response.json()["content"] == final
+
+    # A handful of checkpoints for 40 tokens over ~2 s at 0.2 s: not one per token, not none.
+    assert 3 <= len(calls) <= 20, len(calls)
+    assert len(calls) < len(tokens)
+    saved_texts = [text for _, text in calls if text]
+    assert saved_texts, "no checkpoint carried the reply so far"
+    assert all(final.startswith(text) for text in saved_texts)
+
+    # Mid-stream, the database holds a growing prefix of the final reply.
+    assert seen, "the reply was never visible in the database while it streamed"
+    assert all(final.startswith(text) for text in seen), seen
+    assert any(0 < len(text) < len(final) for text in seen), seen
+    assert [len(t) for t in seen] == sorted(len(t) for t in seen)
+
+    session = await only_session()
+    assert session.status == Session.Status.COMPLETED
+    assert (await messages_of(session))[-1] == (2, "assistant", final)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_short_generation_is_not_checkpointed(upstream: Any, monkeypatch: Any) -> None:
+    """A reply shorter than SAVE_INTERVAL is written at its start and its end only."""
+    calls: list[str] = []
+    original = llm.generation.checkpoint
+
+    async def counting_checkpoint(session_id: str, position: int, text: str) -> None:
+        calls.append(text)
+        await original(session_id, position, text)
+
+    monkeypatch.setattr(llm.generation, "checkpoint", counting_checkpoint)
+    upstream.replies.append(Reply(tokens=[f" w{i}" for i in range(50)]))
+
+    response = await generate({"messages": CONVERSATION})
+    assert response.status_code == 200
+    assert calls == []
+    session = await only_session()
+    assert (await messages_of(session))[-1][2] == "".join(f" w{i}" for i in range(50))
+
+
+# Start-up recovery ---------------------------------------------------------------------------
+
+
+def make_session(status: str, worker: str, age: timedelta = timedelta(0), text: str = "partial") -> Session:
+    now = timezone.now()
+    session = Session.objects.create(
+        provider="lm_studio", model="fake-model", status=status, worker=worker,
+        created_at=now - age, updated_at=now - age,
+    )
+    Message.objects.create(session=session, position=0, role="user", content="Hi")
+    if text:
+        Message.objects.create(session=session, position=1, role="assistant", content=text)
+    return session
+
+
+@pytest.mark.django_db
+def test_recover_interrupted_marks_dead_and_stale_sessions_only() -> None:
+    dead_pid = make_session("streaming", DEAD_WORKER, text="half a rep")
+    stale = make_session(
+        "streaming", "another-host:1234", age=llm.sessions.STALE_AFTER + timedelta(seconds=5), text="stale text"
+    )
+    live = make_session("streaming", llm.sessions.worker_id(), text="live text")
+    remote_fresh = make_session("streaming", "another-host:1234", text="remote text")
+    finished = make_session("completed", DEAD_WORKER, text="done text")
+
+    assert llm.sessions.recover_interrupted() == 2
+
+    for session, text in ((dead_pid, "half a rep"), (stale, "stale text")):
+        session.refresh_from_db()
+        assert session.status == Session.Status.INTERRUPTED
+        assert session.finished_at is not None
+        assert session.messages.get(position=1).content == text  # the partial text is kept
+    for session, status in (
+        (live, "streaming"), (remote_fresh, "streaming"), (finished, "completed"),
+    ):
+        session.refresh_from_db()
+        assert session.status == status
+        assert session.finished_at is None
+    assert live.messages.get(position=1).content == "live text"
+
+    # Nothing left to recover: a second run changes nothing.
+    assert llm.sessions.recover_interrupted() == 0
+
+
+@pytest.mark.django_db
+def test_recover_interrupted_keeps_a_live_session_of_this_process_even_when_old() -> None:
+    """Staleness is by `updated_at`, which a live stream refreshes; a fresh one is left alone."""
+    fresh = make_session("streaming", llm.sessions.worker_id(), age=timedelta(seconds=1))
+    assert llm.sessions.recover_interrupted() == 0
+    fresh.refresh_from_db()
+    assert fresh.status == Session.Status.STREAMING
+
+
+class DummyApp:
+    def __init__(self) -> None:
+        self.scopes: list[dict[str, Any]] = []
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        self.scopes.append(scope)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_startup_wrapper_recovers_once_before_the_first_request() -> None:
+    from negotiator.asgi import StartUp
+
+    dead = await sync_to_async(make_session)("streaming", DEAD_WORKER, text="kept")
+    live = await sync_to_async(make_session)("streaming", llm.sessions.worker_id())
+    app = DummyApp()
+    wrapper = StartUp(app)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    scope = {"type": "http", "path": "/"}
+    await wrapper(scope, receive, send)
+    assert app.scopes == [scope]  # the request went through
+
+    await dead.arefresh_from_db()
+    await live.arefresh_from_db()
+    assert dead.status == Session.Status.INTERRUPTED
+    assert live.status == Session.Status.STREAMING
+    assert (await Message.objects.aget(session=dead, position=1)).content == "kept"
+
+    # Only once: a session left by a dead process after start-up is not this wrapper's business.
+    later = await sync_to_async(make_session)("streaming", DEAD_WORKER)
+    await wrapper(scope, receive, send)
+    assert len(app.scopes) == 2
+    await later.arefresh_from_db()
+    assert later.status == Session.Status.STREAMING
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_startup_wrapper_answers_the_asgi_lifespan_and_recovers_at_startup() -> None:
+    from negotiator.asgi import StartUp
+
+    dead = await sync_to_async(make_session)("streaming", DEAD_WORKER)
+    app = DummyApp()
+    wrapper = StartUp(app)
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await inbox.put({"type": "lifespan.startup"})
+    await inbox.put({"type": "lifespan.shutdown"})
+    await asyncio.wait_for(wrapper({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, send), 5)
+
+    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
+    assert app.scopes == []  # the lifespan is answered here, not passed to Django/Channels
+    await dead.arefresh_from_db()
+    assert dead.status == Session.Status.INTERRUPTED
+
+
+def test_application_is_wrapped_in_startup() -> None:
+    from negotiator.asgi import StartUp, application
+
+    assert isinstance(application, StartUp)

@@ -19,13 +19,16 @@ router = Router(tags=["health"])
     "/health",
     response={200: HealthOut, 503: HealthOut},
     summary="Service health",
-    description="200 healthy or degraded (the LLM provider is down); 503 unhealthy (the database is down).",
+    description=(
+        "200 healthy, or degraded (the LLM provider, or Redis when REDIS_URL is set, is down); "
+        "503 unhealthy (the database is down)."
+    ),
 )
 async def health(request: HttpRequest):
-    database, ping = await asyncio.gather(probes.database(), probes.provider())
+    database, ping, layer = await asyncio.gather(probes.database(), probes.provider(), probes.channel_layer())
     if database["status"] != "ok":
         status, code = "unhealthy", 503
-    elif not ping.reachable:
+    elif not ping.reachable or (layer is not None and layer["status"] != "ok"):
         status, code = "degraded", 200
     else:
         status, code = "healthy", 200
@@ -36,7 +39,8 @@ async def health(request: HttpRequest):
         "latency_ms": ping.latency_ms,
         "error": ping.error,
     }
-    return Status(code, {"status": status, "version": __version__, "checks": {"database": database, "llm": llm}})
+    checks = {"database": database, "llm": llm, "channel_layer": layer}
+    return Status(code, {"status": status, "version": __version__, "checks": checks})
 
 
 @router.get(

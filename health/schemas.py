@@ -17,6 +17,13 @@ class DatabaseStatus(Schema):
     error: ErrorDetail | None = None
 
 
+class ChannelLayerStatus(Schema):
+    status: Literal["ok", "error"]
+    backend: str = Field(examples=["ResilientRedisChannelLayer"])
+    latency_ms: float | None
+    error: ErrorDetail | None = None
+
+
 class LLMCheck(Schema):
     status: Literal["ok", "error"]
     provider: str
@@ -28,12 +35,15 @@ class LLMCheck(Schema):
 class HealthChecks(Schema):
     database: DatabaseStatus
     llm: LLMCheck
+    channel_layer: ChannelLayerStatus | None = Field(
+        default=None, description="Present when REDIS_URL is set: a round trip through Redis."
+    )
 
 
 class HealthOut(Schema):
     status: Literal["healthy", "degraded", "unhealthy"] = Field(
-        description="healthy: all fine; degraded: database fine, provider down; "
-        "unhealthy (HTTP 503): the database does not answer."
+        description="healthy: all fine; degraded: the database answers but the provider or the "
+        "channel layer (Redis) does not; unhealthy (HTTP 503): the database does not answer."
     )
     version: str
     checks: HealthChecks

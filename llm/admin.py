@@ -43,7 +43,7 @@ class SessionAdmin(ReadOnlyMixin, admin.ModelAdmin):
     date_hierarchy = "created_at"
     inlines = (MessageInline,)
     fieldsets = (
-        (None, {"fields": ("id", "status", "provider", "model", "finish_reason")}),
+        (None, {"fields": ("id", "status", "provider", "tried", "model", "finish_reason")}),
         ("Error", {"fields": ("error_code", "error_message")}),
         ("Usage", {"fields": ("prompt_tokens", "completion_tokens", "usage_estimated")}),
         ("Timings", {"fields": ("created_at", "first_token_at", "finished_at", "ttft_ms", "tokens_per_second")}),

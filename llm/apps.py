@@ -13,3 +13,5 @@ class LLMConfig(AppConfig):
 
         for check in llm_checks.ALL_CHECKS:
             checks.register(check, "llm")
+        for check in llm_checks.DEPLOY_CHECKS:
+            checks.register(check, "llm", deploy=True)

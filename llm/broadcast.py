@@ -44,11 +44,17 @@ class Broadcaster:
         self._listener: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        """Listen for watchers; a layer that is down only means nobody can watch this one."""
         if self.layer is None:
             return
-        # The default prefix: channels-redis polls one key per process for all such channels.
-        self._channel = await self.layer.new_channel()
-        await self.layer.group_add(control_group(self.session_id), self._channel)
+        try:
+            # The default prefix: channels-redis polls one key per process for all such channels.
+            self._channel = await self.layer.new_channel()
+            await self.layer.group_add(control_group(self.session_id), self._channel)
+        except Exception:
+            logger.exception("session %s cannot be watched: the channel layer failed", self.session_id)
+            self._channel = None
+            return
         self._listener = asyncio.create_task(self._listen())
 
     async def publish(self, frame: dict[str, Any], offset: int | None = None) -> None:

@@ -170,7 +170,23 @@ def check_rate_limit(**kwargs: Any) -> list[CheckMessage]:
     return []
 
 
+def check_api_token(**kwargs: Any) -> list[CheckMessage]:
+    if settings.DEBUG or settings.API_TOKEN:
+        return []
+    return [
+        Warning(
+            "API_TOKEN is empty with debug off: anyone who reaches this server can generate "
+            "(spending your provider's tokens) and read every stored session.",
+            hint="Set API_TOKEN to a long random value (e.g. `python -c \"import secrets; "
+            "print(secrets.token_urlsafe(32))\"`) unless a proxy in front authenticates clients.",
+            id="llm.W002",
+        )
+    ]
+
+
 ALL_CHECKS = (check_provider, check_base_urls, check_numbers, check_openrouter_key, check_rate_limit)
+# Run by `manage.py check --deploy`, as Django's own security checks are.
+DEPLOY_CHECKS = (check_api_token,)
 
 
 def run_llm_checks() -> list[CheckMessage]:

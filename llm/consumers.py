@@ -27,6 +27,7 @@ from .exceptions import (
     NegotiatorError,
     SessionNotFound,
     UnknownType,
+    WatchLagged,
 )
 from .generation import Generation
 from .ratelimit import check_rate
@@ -190,6 +191,14 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
         if offset is not None:
             if offset < watch.offset:
                 return  # already in the snapshot
+            if offset > watch.offset:  # the layer dropped frames: this socket reads too slowly
+                session_id = watch.session_id
+                await self._stop_watching()
+                await self._send_error(
+                    WatchLagged("This watcher fell behind and missed frames; send watch again to resume"),
+                    session_id,
+                )
+                return
             watch.offset = offset + len(frame["text"])
         elif frame["type"] == "start":
             return  # the watcher's `watching` frame stands for it

@@ -4,6 +4,7 @@ Each class carries its contract code (``../shared/CONTRACT.md``) and HTTP status
 map an error by reading ``exc.code`` / ``exc.status``, never with ``if`` chains::
 
     NegotiatorError
+     ├── InternalError                 INTERNAL_ERROR         500  a bug: logged, never shown
      ├── LLMError                      the upstream model server or its selection
      │    ├── ProviderDisabled         LLM_PROVIDER_DISABLED  400
      │    ├── UpstreamTimeout          LLM_TIMEOUT            503  connect/read timeout, stalled stream
@@ -18,7 +19,8 @@ map an error by reading ``exc.code`` / ``exc.status``, never with ``if`` chains:
           ├── GenerationInProgress     GENERATION_IN_PROGRESS 409
           ├── SessionNotFound          SESSION_NOT_FOUND      404
           ├── Unauthorized             UNAUTHORIZED           401
-          └── RateLimited              RATE_LIMITED           429
+          ├── RateLimited              RATE_LIMITED           429
+          └── WatchLagged              WATCH_LAGGED           -    a watcher too slow to keep up
 
 Lower-level errors (httpx, JSON) are mapped to the most specific class and chained with
 ``from``. Bad settings are ``django.core.exceptions.ImproperlyConfigured``, outside this tree.
@@ -42,6 +44,13 @@ class NegotiatorError(Exception):
 
     def as_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
+
+
+class InternalError(NegotiatorError):
+    """The server failed in a way no other class names; the details go to the log only."""
+
+    code = "INTERNAL_ERROR"
+    status = 500
 
 
 class LLMError(NegotiatorError):
@@ -133,3 +142,10 @@ class RateLimited(ClientError):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class WatchLagged(ClientError):
+    """A watcher read so slowly that frames for it were dropped: its watch ends, the generation goes on."""
+
+    code = "WATCH_LAGGED"
+    status = 409

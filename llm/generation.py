@@ -20,13 +20,24 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .broadcast import Broadcaster
-from .exceptions import NegotiatorError
-from .providers import get_provider
+from .conf import provider_chain
+from .exceptions import (
+    InternalError,
+    LLMError,
+    NegotiatorError,
+    ProviderDisabled,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from .providers import OpenAICompatibleProvider, get_provider
 from .sessions import SAVE_INTERVAL, checkpoint, close_session, open_session
 from .streaming import bounded_stream, coalesce_chunks, estimate_prompt_tokens, estimate_tokens
 from .types import ChatRequest, StreamChunk, Usage
 
 logger = logging.getLogger("llm.generation")
+
+# A provider failing with these before its first token hands over to the next fallback.
+FALLBACK_ERRORS = (UpstreamUnavailable, UpstreamTimeout, ProviderDisabled)
 
 # Tokens are merged into one frame for at most this long, or until this many characters.
 COALESCE_DELAY = 0.01
@@ -38,9 +49,13 @@ class Start:
     session_id: str
     provider: str
     model: str
+    tried: tuple[dict[str, str], ...] = ()  # providers that failed before this one, with codes
 
     def frame(self) -> dict[str, Any]:
-        return {"type": "start", "session_id": self.session_id, "provider": self.provider, "model": self.model}
+        frame = {"type": "start", "session_id": self.session_id, "provider": self.provider, "model": self.model}
+        if self.tried:
+            frame["tried"] = list(self.tried)
+        return frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,11 +113,13 @@ class Generation:
     finish_reason: str | None = None
     usage: Usage | None = None
     error: NegotiatorError | None = None
+    tried: list[dict[str, str]] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     first_token_at: float | None = None
     finished_at: float | None = None
     _reader: asyncio.Task[Any] | None = field(default=None, repr=False)
     _cancel_requested: bool = field(default=False, repr=False)
+    _started: bool = field(default=False, repr=False)
 
     @property
     def text(self) -> str:
@@ -132,10 +149,10 @@ class Generation:
         Closing this iterator early, or cancelling its task (a client that left), closes the
         upstream request and stores the session as `cancelled` with its partial text.
         """
-        provider = get_provider(self.provider_alias)
-        self.provider = provider.alias
+        chain = self._provider_chain()
+        self.provider = chain[0].alias
         try:
-            opened = await open_session(self.session_id, self.request.messages, provider.alias)
+            opened = await open_session(self.session_id, self.request.messages, self.provider)
         except NegotiatorError as exc:
             self.error = exc
             self.finished_at = time.time()
@@ -149,9 +166,9 @@ class Generation:
         end: Done | Failed | None = None
         try:
             try:
-                async for event in self._stream(provider, request):
-                    await broadcaster.publish(event.frame(), self.length - len(event.text)
-                                              if isinstance(event, Token) else None)
+                async for event in self._stream(chain, request):
+                    offset = self.length - len(event.text) if isinstance(event, Token) else None
+                    await broadcaster.publish(event.frame(), offset)
                     yield event
             except NegotiatorError as exc:
                 self.error = exc
@@ -160,9 +177,14 @@ class Generation:
             end = Failed(self.session_id, self.error) if self.error else Done(
                 self.session_id, self.finish_reason or "stop", self.usage
             )
+        except Exception:
+            logger.exception("generation crashed session=%s", self.session_id)
+            self.error = InternalError("The generation failed on the server; the error is logged")
+            self._finish(request)
+            end = Failed(self.session_id, self.error)
         finally:
             await _stop(autosave)
-            if end is None:  # the client left: keep what it got
+            if end is None:  # the client left (closed the iterator or cancelled its task)
                 self.finish_reason = "cancelled"
                 self._finish(request)
                 end = Done(self.session_id, "cancelled", self.usage)
@@ -171,9 +193,34 @@ class Generation:
             await broadcaster.stop()
         yield end
 
-    async def _stream(self, provider: Any, request: ChatRequest) -> AsyncIterator[Start | Token]:
-        """Start and Token events; sets finish reason and usage, raises `NegotiatorError`."""
-        started = False
+    def _provider_chain(self) -> list[OpenAICompatibleProvider]:
+        aliases = [self.provider_alias] if self.provider_alias else provider_chain()
+        return [get_provider(alias) for alias in aliases]
+
+    async def _stream(
+        self, chain: list[OpenAICompatibleProvider], request: ChatRequest
+    ) -> AsyncIterator[Start | Token]:
+        """Each provider in turn until one yields its first piece; never falls back after that."""
+        for position, provider in enumerate(chain):
+            self.provider = provider.alias
+            try:
+                async for event in self._stream_from(provider, request):
+                    yield event
+                return
+            except LLMError as exc:
+                last = position == len(chain) - 1
+                if self._started or last or not isinstance(exc, FALLBACK_ERRORS):
+                    raise
+                self.tried.append({"provider": provider.alias, "code": exc.code})
+                logger.warning(
+                    "provider %s failed before its first token (%s); trying %s",
+                    provider.alias, exc.code, chain[position + 1].alias,
+                )
+
+    async def _stream_from(
+        self, provider: OpenAICompatibleProvider, request: ChatRequest
+    ) -> AsyncIterator[Start | Token]:
+        """Start and Token events from one provider; sets finish reason and usage."""
         source = bounded_stream(
             self._cancellable(provider.stream(request)),
             max_tokens=request.max_tokens or provider.max_tokens,
@@ -182,10 +229,10 @@ class Generation:
         chunks = coalesce_chunks(source, max_chars=self.coalesce_chars, max_delay=self.coalesce_delay)
         async with aclosing(chunks):
             async for chunk in chunks:
-                if not started:
-                    started = True
+                if not self._started:
+                    self._started = True
                     self.model = chunk.model or request.model or ""
-                    yield Start(self.session_id, self.provider, self.model)
+                    yield self._start_event()
                 if chunk.text:
                     if self.first_token_at is None:
                         self.first_token_at = time.time()
@@ -197,9 +244,13 @@ class Generation:
                     self.usage = chunk.usage
         if self._cancel_requested and self.finish_reason is None:
             self.finish_reason = "cancelled"
-            if not started:
+            if not self._started:
+                self._started = True
                 self.model = request.model or provider.default_model or ""
-                yield Start(self.session_id, self.provider, self.model)
+                yield self._start_event()
+
+    def _start_event(self) -> Start:
+        return Start(self.session_id, self.provider, self.model or "", tuple(self.tried))
 
     def _finish(self, request: ChatRequest) -> None:
         self.finished_at = time.time()

@@ -19,7 +19,10 @@ class Session(models.Model):
         INTERRUPTED = "interrupted"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    provider = models.CharField(max_length=64, db_index=True)
+    provider = models.CharField(max_length=64, db_index=True, help_text="The provider that served the reply.")
+    tried = models.JSONField(
+        default=list, blank=True, help_text="Providers that failed before it, with their error codes."
+    )
     model = models.CharField(max_length=255, blank=True, db_index=True, help_text="As the upstream reported it.")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.STREAMING, db_index=True)
     finish_reason = models.CharField(max_length=32, blank=True)

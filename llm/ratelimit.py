@@ -5,6 +5,7 @@ A fixed window per client: with REDIS_URL the cache is Redis, so the count is sh
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -13,6 +14,8 @@ from django.conf import settings
 from django.core.cache import caches
 
 from .exceptions import RateLimited
+
+logger = logging.getLogger("llm.ratelimit")
 
 PERIODS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*([a-z]+)\s*$")
@@ -37,18 +40,25 @@ async def check_rate(client: str) -> None:
     now = time.time()
     window = int(now // period)
     key = f"llm:rate:{client}:{window}"
-    cache = caches["default"]
-    if await cache.aadd(key, 1, timeout=period + 1):
-        count = 1
-    else:
-        try:
-            count = await cache.aincr(key)
-        except ValueError:  # expired between the two calls
-            await cache.aset(key, 1, timeout=period + 1)
-            count = 1
+    try:
+        count = await _count(key, period)
+    except Exception as exc:  # a cache outage must not stop generation: fail open, loudly
+        logger.warning("rate limit not applied: the cache failed (%s: %s)", type(exc).__name__, exc)
+        return
     if count > limit:
         retry_after = max(1, math.ceil((window + 1) * period - now))
         raise RateLimited(
             f"More than {limit} generations per {period} s; retry in {retry_after} s",
             retry_after=retry_after,
         )
+
+
+async def _count(key: str, period: int) -> int:
+    cache = caches["default"]
+    if await cache.aadd(key, 1, timeout=period + 1):
+        return 1
+    try:
+        return await cache.aincr(key)
+    except ValueError:  # expired between the two calls
+        await cache.aset(key, 1, timeout=period + 1)
+        return 1

@@ -67,7 +67,7 @@ def open_session(session_id: str | None, messages: list[MessageDict], provider: 
                 Session.objects.filter(pk=session_id)
                 .exclude(status=Session.Status.STREAMING)
                 .update(
-                    status=Session.Status.STREAMING, provider=provider, worker=worker_id(), updated_at=now,
+                    status=Session.Status.STREAMING, provider=provider, tried=[], worker=worker_id(), updated_at=now,
                     finish_reason="", error_code="", error_message="", prompt_tokens=None,
                     completion_tokens=None, usage_estimated=False, first_token_at=None,
                     finished_at=None, ttft_ms=None, tokens_per_second=None,
@@ -127,6 +127,7 @@ def close_session(generation: Generation, position: int) -> None:
         Session.objects.filter(pk=g.session_id).update(
             status=status,
             provider=g.provider or "",
+            tried=g.tried,
             model=g.model or "",
             finish_reason=g.finish_reason or "",
             error_code=g.error.code if g.error else "",

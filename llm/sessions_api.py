@@ -24,9 +24,15 @@ class MessageOut(Schema):
     created_at: datetime
 
 
+class ProviderAttempt(Schema):
+    provider: str
+    code: str
+
+
 class SessionOut(Schema):
     id: UUID
-    provider: str
+    provider: str = Field(description="The provider that served the latest reply.")
+    tried: list[ProviderAttempt] = Field(description="Providers that failed before it (fallback).")
     model: str = Field(description="As the upstream reported it.")
     status: Literal["streaming", "completed", "cancelled", "failed", "interrupted"]
     finish_reason: str | None

@@ -197,6 +197,36 @@ async def test_seam_is_exact_however_the_layer_orders_snapshot_and_frames(upstre
     await b.disconnect()
 
 
+async def test_a_watcher_that_missed_frames_is_dropped_with_watch_lagged(upstream: FakeUpstream) -> None:
+    """A full watcher queue makes the layer skip frames for it: the gap in offsets shows it, and
+    the watcher gets WATCH_LAGGED instead of a reply with a hole in it; its socket stays usable."""
+    session = await Session.objects.acreate(provider="lm_studio", status=Session.Status.STREAMING)
+    session_id = str(session.pk)
+    layer = get_channel_layer()
+    control = await layer.new_channel()
+    await layer.group_add(control_group(session_id), control)
+    b = await open_socket()
+    await b.send_json_to({"type": "watch", "session_id": session_id})
+    request = await asyncio.wait_for(layer.receive(control), timeout=2)
+    await layer.send(request["reply_to"], {"type": "llm.snapshot", "session_id": session_id,
+                                           "status": "streaming", "text": "ab", "offset": 2})
+    group = frames_group(session_id)
+    frame = {"type": "llm.frame", "session_id": session_id}
+    await layer.group_send(group, frame | {"frame": {"type": "token", "text": "cd"}, "offset": 2})
+    await layer.group_send(group, frame | {"frame": {"type": "token", "text": "gh"}, "offset": 6})  # "ef" lost
+
+    assert (await recv(b))["type"] == "watching"
+    assert await recv(b) == {"type": "token", "text": "cd"}
+    lagged = await recv(b)
+    assert lagged["type"] == "error" and lagged["code"] == "WATCH_LAGGED"
+    assert lagged["session_id"] == session_id
+    await layer.group_send(group, frame | {"frame": {"type": "token", "text": "ij"}, "offset": 8})
+    assert await b.receive_nothing(timeout=0.2)  # the watch has ended
+    await generate_ok(b)  # and the socket still serves
+    await layer.group_discard(control_group(session_id), control)
+    await b.disconnect()
+
+
 async def test_watch_falls_back_to_the_database_when_no_process_answers(upstream: FakeUpstream) -> None:
     """A session left `streaming` whose process is gone: the watcher still gets a snapshot."""
     session = await Session.objects.acreate(provider="lm_studio", status=Session.Status.STREAMING)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from django.http import HttpRequest
 from ninja import Router, Status
@@ -24,7 +25,7 @@ router = Router(tags=["health"])
         "503 unhealthy (the database is down)."
     ),
 )
-async def health(request: HttpRequest):
+async def health(request: HttpRequest) -> Status[dict[str, Any]]:
     database, ping, layer = await asyncio.gather(probes.database(), probes.provider(), probes.channel_layer())
     if database["status"] != "ok":
         status, code = "unhealthy", 503
@@ -49,7 +50,7 @@ async def health(request: HttpRequest):
     summary="LLM provider status",
     description="The selected provider: where it is, whether it answers, how fast, and its models.",
 )
-async def llm_status(request: HttpRequest):
+async def llm_status(request: HttpRequest) -> dict[str, Any]:
     database, ping = await asyncio.gather(probes.database(), probes.provider())
     return {
         "provider": ping.provider,

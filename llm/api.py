@@ -13,6 +13,7 @@ from .auth import api_token, client_key
 from .generation import Done, Failed, Generation
 from .ratelimit import check_rate
 from .schemas import ErrorOut, GenerateIn, GenerateOut
+from .sessions import check_continuable
 
 router = Router(tags=["llm"])
 
@@ -51,10 +52,12 @@ SSE_EXAMPLE = (
         }
     },
 )
-async def generate(request: HttpRequest, payload: GenerateIn):
+async def generate(request: HttpRequest, payload: GenerateIn) -> GenerateOut | StreamingHttpResponse:
     await check_rate(client_key(ip=request.META.get("REMOTE_ADDR"), authenticated_by_token=request.auth == "token"))
     generation = Generation(payload.to_request(), session_id=payload.session_key)
     if payload.stream:
+        if payload.session_key:  # refuse with a status now: once streaming, errors are frames
+            await check_continuable(payload.session_key)
         response = StreamingHttpResponse(sse_frames(generation), content_type="text/event-stream")
         response["Cache-Control"] = "no-cache"
         response["X-Accel-Buffering"] = "no"

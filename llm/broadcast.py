@@ -21,6 +21,8 @@ from typing import Any
 
 from channels.layers import get_channel_layer
 
+from .streaming import cancel_and_wait
+
 logger = logging.getLogger("llm.broadcast")
 
 
@@ -68,9 +70,7 @@ class Broadcaster:
 
     async def stop(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+            await cancel_and_wait(self._listener)
         if self._channel is not None and self.layer is not None:
             with contextlib.suppress(Exception):
                 await self.layer.group_discard(control_group(self.session_id), self._channel)

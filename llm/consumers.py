@@ -21,6 +21,7 @@ from .broadcast import control_group, frames_group
 from .exceptions import (
     ClientError,
     GenerationInProgress,
+    InternalError,
     InvalidJSON,
     InvalidRequest,
     MessageTooLarge,
@@ -37,11 +38,14 @@ from .sessions import stored_reply
 logger = logging.getLogger("llm.consumers")
 
 FRAMES = {"generate": GenerateFrame, "cancel": CancelFrame, "watch": WatchFrame}
-# How long a watcher waits for the generating process to answer before reading the database.
-SNAPSHOT_TIMEOUT = 2.0
+# A watcher asks the generating process for its snapshot this often, and after this long with
+# no answer shows what the database holds (the process may have died, or just finished).
+WATCH_RETRY = 0.5
+SNAPSHOT_TIMEOUT = 5.0
 # Closing waits this long for the generation to store its partial reply.
 CLOSE_TIMEOUT = 5.0
-POLICY_VIOLATION = 4401
+# Close code of a refused handshake (before accept it reaches the client as HTTP 403).
+CLOSE_UNAUTHORIZED = 4401
 
 
 class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
@@ -52,7 +56,7 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
         self.task: asyncio.Task[None] | None = None
         self.watch = _Watch()
         if not socket_authorized(self.scope):
-            await self.close(code=POLICY_VIOLATION)
+            await self.close(code=CLOSE_UNAUTHORIZED)
             return
         await self.accept()
 
@@ -77,6 +81,9 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
                 await self._watch(str(frame.session_id))
         except ClientError as exc:
             await self._send_error(exc)
+        except Exception:  # a bug or an outage must not drop the socket
+            logger.exception("frame %r failed", content.get("type") if isinstance(content, dict) else None)
+            await self._send_error(InternalError("The server failed on this frame; the error is logged"))
 
     async def disconnect(self, code: int) -> None:
         if self.task is not None and not self.task.done():
@@ -123,9 +130,12 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
         self.task = asyncio.create_task(self._run(self.generation))
 
     async def _run(self, generation: Generation) -> None:
-        async with aclosing(generation.events()) as events:
-            async for event in events:
-                await self.send_json(event.frame())
+        try:
+            async with aclosing(generation.events()) as events:
+                async for event in events:
+                    await self.send_json(event.frame())
+        except Exception:  # the pipeline turns errors into frames; this is a bug or a dead socket
+            logger.exception("relaying session %s failed", generation.session_id)
 
     async def _send_error(self, error: NegotiatorError, session_id: str | None = None) -> None:
         frame: dict[str, Any] = {"type": "error"}
@@ -150,32 +160,40 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
             return
         self.watch = _Watch(session_id)
         await self.channel_layer.group_add(frames_group(session_id), self.channel_name)
-        await self.channel_layer.group_send(
-            control_group(session_id), {"type": "llm.watch", "reply_to": self.channel_name}
-        )
-        self.watch.fallback = asyncio.create_task(self._snapshot_from_database(session_id))
+        self.watch.asker = asyncio.create_task(self._ask_for_snapshot(session_id))
 
-    async def _snapshot_from_database(self, session_id: str) -> None:
-        """No generating process answered: show what was stored (it may have just ended)."""
-        await asyncio.sleep(SNAPSHOT_TIMEOUT)
-        if self.watch.session_id != session_id or not self.watch.pending:
-            return
+    async def _ask_for_snapshot(self, session_id: str) -> None:
+        """Ask the generating process until it answers (it may not listen yet); after
+        SNAPSHOT_TIMEOUT, answer from the database through this consumer's own queue, so the
+        answer is handled in order with live frames."""
+        request = {"type": "llm.watch", "reply_to": self.channel_name}
+        deadline = asyncio.get_running_loop().time() + SNAPSHOT_TIMEOUT
+        while asyncio.get_running_loop().time() < deadline:
+            await self.channel_layer.group_send(control_group(session_id), request)
+            await asyncio.sleep(WATCH_RETRY)
         found = await stored_reply(session_id)
         status, text = (found[0].status, found[1]) if found else ("interrupted", "")
-        await self.llm_snapshot({"session_id": session_id, "status": status, "text": text, "offset": len(text)})
+        snapshot = {"type": "llm.snapshot", "session_id": session_id, "status": status, "text": text,
+                    "offset": len(text), "final": True}
+        await self.channel_layer.send(self.channel_name, snapshot)
 
     async def llm_snapshot(self, event: dict[str, Any]) -> None:
-        """The generating process's answer to our watch: the reply so far, then buffered frames."""
+        """The generating process's answer to our watch: the reply so far, then buffered frames.
+
+        A snapshot from the database (`final`) ends the watch: no process answered for it.
+        """
         watch = self.watch
         if event.get("session_id") != watch.session_id or not watch.pending:
             return
         watch.pending = False
+        if watch.asker is not None and watch.asker is not asyncio.current_task():
+            watch.asker.cancel()
         watch.offset = event["offset"]
         await self.send_json(_watching(watch.session_id, event["status"], event["text"]))
         buffered, watch.buffer = watch.buffer, []
         for message in buffered:
             await self._forward(message)
-        if event["status"] != "streaming" and self.watch is watch:
+        if (event["status"] != "streaming" or event.get("final")) and self.watch is watch:
             await self._stop_watching()
 
     async def llm_frame(self, event: dict[str, Any]) -> None:
@@ -208,8 +226,8 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
 
     async def _stop_watching(self) -> None:
         watch, self.watch = self.watch, _Watch()
-        if watch.fallback is not None and watch.fallback is not asyncio.current_task():
-            watch.fallback.cancel()
+        if watch.asker is not None and watch.asker is not asyncio.current_task():
+            watch.asker.cancel()
         if watch.session_id is not None:
             with contextlib.suppress(Exception):
                 await self.channel_layer.group_discard(frames_group(watch.session_id), self.channel_name)
@@ -223,7 +241,7 @@ class _Watch:
         self.pending = session_id is not None
         self.offset = 0
         self.buffer: list[dict[str, Any]] = []
-        self.fallback: asyncio.Task[None] | None = None
+        self.asker: asyncio.Task[None] | None = None
 
 
 def _watching(session_id: str, status: str, text: str) -> dict[str, Any]:

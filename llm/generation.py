@@ -30,7 +30,7 @@ from .exceptions import (
     UpstreamUnavailable,
 )
 from .providers import OpenAICompatibleProvider, get_provider
-from .sessions import SAVE_INTERVAL, checkpoint, close_session, open_session
+from .sessions import SAVE_INTERVAL, OpenedSession, checkpoint, close_session, open_session
 from .streaming import bounded_stream, coalesce_chunks, estimate_prompt_tokens, estimate_tokens
 from .types import ChatRequest, StreamChunk, Usage
 
@@ -147,51 +147,84 @@ class Generation:
         """Open the session, stream the reply, store it; every event also goes to watchers.
 
         Closing this iterator early, or cancelling its task (a client that left), closes the
-        upstream request and stores the session as `cancelled` with its partial text.
+        upstream request and stores the session as `cancelled` with its partial text. The
+        session is opened and closed in shielded tasks, so a client leaving at any moment
+        never leaves it `streaming`.
         """
         chain = self._provider_chain()
         self.provider = chain[0].alias
+        opening = asyncio.ensure_future(open_session(self.session_id, self.request.messages, self.provider))
         try:
-            opened = await open_session(self.session_id, self.request.messages, self.provider)
+            opened = await asyncio.shield(opening)
         except NegotiatorError as exc:
             self.error = exc
             self.finished_at = time.time()
             yield Failed(None, exc)
             return
+        except BaseException:  # the client left while the session was being opened
+            _in_background(self._close_when_opened(opening))
+            raise
         self.session_id = opened.session_id
         request = replace(self.request, messages=[*opened.history, *self.request.messages])
         broadcaster = Broadcaster(self.session_id, self.snapshot)
-        await broadcaster.start()
-        autosave = asyncio.create_task(self._autosave(opened.reply_position))
+        closing = asyncio.Event()
+        autosave = asyncio.create_task(self._autosave(opened.reply_position, closing))
         end: Done | Failed | None = None
         try:
+            await broadcaster.start()
             try:
-                async for event in self._stream(chain, request):
-                    offset = self.length - len(event.text) if isinstance(event, Token) else None
-                    await broadcaster.publish(event.frame(), offset)
-                    yield event
+                async with aclosing(self._stream(chain, request)) as events:
+                    async for event in events:
+                        offset = self.length - len(event.text) if isinstance(event, Token) else None
+                        await broadcaster.publish(event.frame(), offset)
+                        yield event
             except NegotiatorError as exc:
                 self.error = exc
                 logger.info("generation failed session=%s code=%s", self.session_id, exc.code)
-            self._finish(request)
-            end = Failed(self.session_id, self.error) if self.error else Done(
-                self.session_id, self.finish_reason or "stop", self.usage
-            )
+            end = self._end(request)
         except Exception:
             logger.exception("generation crashed session=%s", self.session_id)
             self.error = InternalError("The generation failed on the server; the error is logged")
-            self._finish(request)
-            end = Failed(self.session_id, self.error)
+            end = self._end(request)
         finally:
-            await _stop(autosave)
             if end is None:  # the client left (closed the iterator or cancelled its task)
                 self.finish_reason = "cancelled"
-                self._finish(request)
-                end = Done(self.session_id, "cancelled", self.usage)
-            await asyncio.shield(close_session(self, opened.reply_position))
-            await broadcaster.publish(end.frame())
-            await broadcaster.stop()
+                end = self._end(request)
+            closing.set()
+            finishing = _in_background(self._close(autosave, broadcaster, opened.reply_position, end))
+            await asyncio.shield(finishing)
         yield end
+
+    def _end(self, request: ChatRequest) -> Done | Failed:
+        """Fill in the finish time and (estimated if need be) usage; the end event."""
+        self.finished_at = time.time()
+        if self.usage is None or self.finish_reason == "cancelled":
+            self.usage = Usage.estimate(estimate_prompt_tokens(request.messages), estimate_tokens(self.text))
+        if self.error is not None:
+            return Failed(self.session_id, self.error)
+        return Done(self.session_id, self.finish_reason or "stop", self.usage)
+
+    async def _close(
+        self, autosave: asyncio.Task[None], broadcaster: Broadcaster, position: int, end: Done | Failed
+    ) -> None:
+        """Store the end, then tell watchers: runs to completion even if the client leaves."""
+        await autosave
+        try:
+            await close_session(self, position)
+        except Exception:
+            logger.exception("could not store the end of session %s", self.session_id)
+        await broadcaster.publish(end.frame())
+        await broadcaster.stop()
+
+    async def _close_when_opened(self, opening: asyncio.Future[OpenedSession]) -> None:
+        try:
+            opened = await opening
+        except Exception:
+            return  # nothing was opened (or the error was the client's)
+        self.session_id = opened.session_id
+        self.finish_reason = "cancelled"
+        self._end(self.request)
+        await close_session(self, opened.reply_position)
 
     def _provider_chain(self) -> list[OpenAICompatibleProvider]:
         aliases = [self.provider_alias] if self.provider_alias else provider_chain()
@@ -252,17 +285,14 @@ class Generation:
     def _start_event(self) -> Start:
         return Start(self.session_id, self.provider, self.model or "", tuple(self.tried))
 
-    def _finish(self, request: ChatRequest) -> None:
-        self.finished_at = time.time()
-        if self.usage is None or self.finish_reason == "cancelled":
-            prompt = estimate_prompt_tokens(request.messages)
-            completion = estimate_tokens(self.text)
-            self.usage = Usage(prompt, completion, prompt + completion, estimated=True)
-
-    async def _autosave(self, position: int) -> None:
+    async def _autosave(self, position: int, closing: asyncio.Event) -> None:
+        """Save the reply every SAVE_INTERVAL s until `closing` is set (never cut mid-write)."""
         saved = -1
-        while True:
-            await asyncio.sleep(SAVE_INTERVAL)
+        while not closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SAVE_INTERVAL):
+                    await closing.wait()
+                break
             try:
                 await checkpoint(self.session_id, position, self.text if self.length != saved else "")
                 saved = self.length
@@ -279,7 +309,12 @@ class Generation:
                 yield chunk
 
 
-async def _stop(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+# Tasks that must finish even if whoever started them is cancelled (kept from garbage collection).
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _in_background(coroutine: Any) -> asyncio.Task[Any]:
+    task = asyncio.ensure_future(coroutine)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return task

@@ -49,7 +49,7 @@ def answers(base_url: str, timeout: float = 1.0) -> bool:
     """Whether an OpenAI-compatible server lists its models at `base_url`."""
     try:
         return httpx.get(base_url.rstrip("/") + "/models", timeout=timeout).status_code == 200
-    except httpx.HTTPError:
+    except (httpx.HTTPError, httpx.InvalidURL):
         return False
 
 
@@ -83,7 +83,8 @@ class LocalModelServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
 
     def command(self) -> list[str]:
         return [

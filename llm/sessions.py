@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from channels.db import database_sync_to_async
 from django.db import transaction
-from django.db.models import Max
+from django.db.models import Max, Q
 from django.utils import timezone
 
 from .exceptions import GenerationInProgress, SessionNotFound
@@ -34,9 +34,13 @@ SAVE_INTERVAL = 2.0
 STALE_AFTER = timedelta(seconds=60)
 
 
+_BOOT = uuid.uuid4().hex[:8]
+
+
 def worker_id() -> str:
-    """This process, as stored on the sessions it streams (computed per call: safe across fork)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process, as stored on the sessions it streams: host, pid, and a per-start id (a
+    restarted container often gets the same pid). Computed per call, so safe across fork."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_BOOT}"
 
 
 def _at(timestamp: float | None) -> datetime | None:
@@ -63,9 +67,11 @@ def open_session(session_id: str | None, messages: list[MessageDict], provider: 
             history: list[MessageDict] = []
             start = 0
         else:
+            # Free to continue unless another reply streams; one whose process stopped saving
+            # long ago (killed on another host) is taken over.
             claimed = (
                 Session.objects.filter(pk=session_id)
-                .exclude(status=Session.Status.STREAMING)
+                .filter(~Q(status=Session.Status.STREAMING) | Q(updated_at__lt=now - STALE_AFTER))
                 .update(
                     status=Session.Status.STREAMING, provider=provider, tried=[], worker=worker_id(), updated_at=now,
                     finish_reason="", error_code="", error_message="", prompt_tokens=None,
@@ -107,12 +113,6 @@ def checkpoint(session_id: str, position: int, text: str) -> None:
 def close_session(generation: Generation, position: int) -> None:
     """Store the reply and how it ended: status, finish reason, error, usage, timings."""
     g = generation
-    if g.error is not None:
-        status = Session.Status.FAILED
-    elif g.finish_reason == "cancelled":
-        status = Session.Status.CANCELLED
-    else:
-        status = Session.Status.COMPLETED
     ttft_ms = tokens_per_second = None
     if g.first_token_at is not None:
         ttft_ms = round((g.first_token_at - g.created_at) * 1000, 1)
@@ -125,7 +125,7 @@ def close_session(generation: Generation, position: int) -> None:
                 defaults={"role": Message.Role.ASSISTANT, "content": g.text},
             )
         Session.objects.filter(pk=g.session_id).update(
-            status=status,
+            status=g.status,
             provider=g.provider or "",
             tried=g.tried,
             model=g.model or "",
@@ -143,25 +143,40 @@ def close_session(generation: Generation, position: int) -> None:
         )
 
 
-async def stored_reply(session_id: str) -> tuple[Session, str] | None:
+@database_sync_to_async
+def stored_reply(session_id: str) -> tuple[Session, str] | None:
     """The session and the text of its latest reply (empty when the last turn is not a reply)."""
-    session = await Session.objects.filter(pk=session_id).afirst()
+    session = Session.objects.filter(pk=session_id).first()
     if session is None:
         return None
-    last = await session.messages.order_by("-position").afirst()
+    last = session.messages.order_by("-position").first()
     return session, (last.content if last is not None and last.role == Message.Role.ASSISTANT else "")
 
 
+@database_sync_to_async
+def check_continuable(session_id: str) -> None:
+    """Raise what `open_session` would for this session, before a stream's response starts."""
+    session = Session.objects.filter(pk=session_id).only("status", "updated_at").first()
+    if session is None:
+        raise SessionNotFound(f"Session {session_id} does not exist")
+    if session.status == Session.Status.STREAMING and session.updated_at >= timezone.now() - STALE_AFTER:
+        raise GenerationInProgress(f"Session {session_id} is already generating a reply")
+
+
 def _alive(worker: str) -> bool:
-    host, _, pid = worker.rpartition(":")
+    """Whether the process that stored `worker` may still run (other hosts: only staleness tells)."""
+    host, _, rest = worker.partition(":")
+    pid, _, boot = rest.partition(":")
     if host != socket.gethostname() or not pid.isdigit():
-        return True  # another machine's process: only staleness can tell
+        return True
+    if int(pid) == os.getpid():
+        return boot == _BOOT  # this pid, but an earlier start of it: dead
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     return True
 
 
@@ -183,11 +198,3 @@ def recover_interrupted() -> int:
     )
     logger.warning("marked %d session(s) left streaming by a dead process as interrupted", count)
     return count
-
-
-def is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(str(value))
-    except ValueError:
-        return False
-    return True

@@ -5,6 +5,7 @@ from datetime import datetime
 from typing import Literal
 from uuid import UUID
 
+from django.db.models import Prefetch, QuerySet
 from django.http import HttpRequest
 from ninja import Field, FilterSchema, Query, Router, Schema
 from ninja.pagination import PageNumberPagination, paginate
@@ -69,7 +70,7 @@ class SessionDetailOut(SessionOut):
 
     @staticmethod
     def resolve_messages(obj: Session) -> list[Message]:
-        return obj.ordered_messages  # loaded by the view: async code cannot query lazily
+        return obj.ordered_messages  # prefetched by the view: async code cannot query lazily
 
 
 class SessionFilters(FilterSchema):
@@ -85,7 +86,7 @@ class SessionFilters(FilterSchema):
     description="Newest first; filter by status, provider and model; `page` and `page_size` paginate.",
 )
 @paginate(PageNumberPagination, page_size=50)
-async def list_sessions(request: HttpRequest, filters: Query[SessionFilters]):
+async def list_sessions(request: HttpRequest, filters: Query[SessionFilters]) -> QuerySet[Session]:
     return filters.filter(Session.objects.all())
 
 
@@ -94,9 +95,9 @@ async def list_sessions(request: HttpRequest, filters: Query[SessionFilters]):
     response={200: SessionDetailOut, 401: ErrorOut, 404: ErrorOut, 422: ErrorOut},
     summary="Read one stored session with its messages",
 )
-async def get_session(request: HttpRequest, session_id: UUID):
-    session = await Session.objects.filter(pk=session_id).afirst()
+async def get_session(request: HttpRequest, session_id: UUID) -> Session:
+    ordered = Prefetch("messages", queryset=Message.objects.order_by("position"), to_attr="ordered_messages")
+    session = await Session.objects.prefetch_related(ordered).filter(pk=session_id).afirst()
     if session is None:
         raise SessionNotFound(f"Session {session_id} does not exist")
-    session.ordered_messages = [m async for m in session.messages.order_by("position")]
     return session

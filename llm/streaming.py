@@ -163,10 +163,18 @@ async def coalesce_chunks(
                     raise failure
                 return
     finally:
-        if not reader.done():
-            reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        await cancel_and_wait(reader)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    """Cancel `task` and wait for it to end, without swallowing a cancellation of our own."""
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
 
 
 def _merge(pieces: list[StreamChunk]) -> StreamChunk:
@@ -201,7 +209,7 @@ async def bounded_stream(
             if count >= max_tokens:
                 yield StreamChunk(
                     finish_reason="length",
-                    usage=Usage(prompt_tokens, count, prompt_tokens + count, estimated=True),
+                    usage=Usage.estimate(prompt_tokens, count),
                     model=chunk.model,
                 )
                 return

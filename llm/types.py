@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal, TypedDict
 
 Role = Literal["system", "user", "assistant"]
-ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
 
 class Message(TypedDict):
@@ -33,6 +32,11 @@ class Usage:
 
     def as_dict(self) -> dict[str, int | bool]:
         return asdict(self)
+
+    @classmethod
+    def estimate(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        """Counts made here, for upstreams that send none (LM Studio, llama.cpp)."""
+        return cls(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, estimated=True)
 
 
 @dataclass(slots=True)

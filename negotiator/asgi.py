@@ -21,6 +21,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from django.db import DatabaseError  # noqa: E402
 
 from llm.checks import format_errors, run_llm_checks  # noqa: E402
+from llm.providers import providers  # noqa: E402
 from llm.routing import websocket_urlpatterns  # noqa: E402
 from llm.security import HostsAndCorsOriginValidator  # noqa: E402
 from llm.sessions import recover_interrupted  # noqa: E402
@@ -34,7 +35,8 @@ if _problems:
 
 class StartUp:
     """Runs the start-up work once, before the first request: at the ASGI lifespan's start where
-    the server has one (uvicorn), else on the first connection (daphne has no lifespan)."""
+    the server has one (uvicorn), else on the first connection (daphne has no lifespan). At
+    lifespan shutdown it closes the providers' HTTP clients (without one, process exit does)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -52,6 +54,7 @@ class StartUp:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                await providers.aclose()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

@@ -18,16 +18,10 @@ from typing import Any
 
 import httpx
 import orjson
-from httpx_sse import EventSource, SSEError
+from httpx_sse import EventSource
 
-from ..exceptions import (
-    BadGateway,
-    LLMError,
-    UpstreamRejected,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
-from ..retries import RETRY_STATUSES, backoff_delay, parse_retry_after
+from ..exceptions import BadGateway, LLMError, UpstreamTimeout, UpstreamUnavailable
+from ..retries import backoff_delay
 from ..streaming import (
     estimate_prompt_tokens,
     estimate_tokens,
@@ -36,8 +30,12 @@ from ..streaming import (
     raise_for_error,
 )
 from ..types import ChatRequest, Completion, PingResult, StreamChunk, Usage
+from .errors import status_error, transport_error
 
 logger = logging.getLogger("llm.upstream")
+
+# The first listed model is looked up again after this long (LM Studio may load another).
+MODEL_LIST_TTL = 60.0
 
 
 class OpenAICompatibleProvider:
@@ -81,6 +79,7 @@ class OpenAICompatibleProvider:
             weakref.WeakKeyDictionary()
         )
         self._resolved_model: str | None = None
+        self._resolved_at = 0.0
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.alias} {self.base_url}>"
@@ -119,11 +118,13 @@ class OpenAICompatibleProvider:
         if client is None or client.is_closed:
             client = self._clients[loop] = httpx.AsyncClient(
                 base_url=self.base_url + "/",
+                # A stream holds its connection to the end, so waiting for a free one is queueing
+                # behind other streams (up to LLM_MAX_CONNECTIONS), bounded like a read.
                 timeout=httpx.Timeout(
                     connect=self.connect_timeout,
                     read=self.read_timeout,
                     write=self.read_timeout,
-                    pool=self.connect_timeout,
+                    pool=self.read_timeout,
                 ),
                 limits=httpx.Limits(
                     max_connections=self.max_connections,
@@ -171,11 +172,12 @@ class OpenAICompatibleProvider:
             return requested
         if self.default_model:
             return self.default_model
-        if self._resolved_model is None:
+        now = time.monotonic()
+        if self._resolved_model is None or now - self._resolved_at > MODEL_LIST_TTL:
             models = await self._list_models(retries=self.max_retries)
             if not models:
                 raise BadGateway(f"{self.alias} lists no models to use", provider=self.alias)
-            self._resolved_model = models[0]
+            self._resolved_model, self._resolved_at = models[0], now
         return self._resolved_model
 
     async def generate(self, request: ChatRequest) -> Completion:
@@ -193,11 +195,9 @@ class OpenAICompatibleProvider:
             content = choice["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
             raise BadGateway(f"{self.alias} sent a completion without a message", provider=self.alias) from exc
-        usage = parse_usage(body.get("usage"))
-        if usage is None:
-            prompt = estimate_prompt_tokens(request.messages)
-            completion = estimate_tokens(content)
-            usage = Usage(prompt, completion, prompt + completion, estimated=True)
+        usage = parse_usage(body.get("usage")) or Usage.estimate(
+            estimate_prompt_tokens(request.messages), estimate_tokens(content)
+        )
         return Completion(
             provider=self.alias,
             model=body.get("model") or model,
@@ -254,12 +254,12 @@ class OpenAICompatibleProvider:
                 response = await self.client.request(method, path, **kwargs)
             except httpx.HTTPError as exc:
                 self._log(method, path, model, type(exc).__name__, attempt, started)
-                error, cause = self._transport_error(exc, started_body=False), exc
+                error, cause = transport_error(self, exc, started_body=False), exc
             else:
                 self._log(method, path, model, response.status_code, attempt, started)
                 if response.status_code < 400:
                     return response
-                error = self._status_error(response)
+                error = status_error(self, response)
             await self._before_retry(error, attempt, retries=retries, cause=cause)
             attempt += 1
 
@@ -279,7 +279,7 @@ class OpenAICompatibleProvider:
                 status = response.status_code
                 if response.status_code >= 400:
                     await response.aread()
-                    raise self._status_error(response)
+                    raise status_error(self, response)
                 events = EventSource(response).aiter_sse()
                 deadline = loop.time() + self.idle_timeout
                 try:
@@ -300,7 +300,7 @@ class OpenAICompatibleProvider:
                         except httpx.HTTPError as exc:
                             if finish_reason:
                                 break  # the reply was whole; only trailing usage or [DONE] is lost
-                            raise self._transport_error(exc, started_body=True) from exc
+                            raise transport_error(self, exc, started_body=True) from exc
                         chunk = parse_chunk(event.data, provider=self.alias)
                         if chunk is None:
                             break
@@ -309,8 +309,9 @@ class OpenAICompatibleProvider:
                         finish_reason = chunk.finish_reason or finish_reason
                         if chunk.text:
                             tokens += 1
-                            deadline = loop.time() + self.idle_timeout
                             yield StreamChunk(text=chunk.text, model=reported_model or model)
+                            # From here: time the caller spent with the token is not idleness.
+                            deadline = loop.time() + self.idle_timeout
                 finally:
                     await events.aclose()
             if not finish_reason:
@@ -321,15 +322,18 @@ class OpenAICompatibleProvider:
                 )
         except httpx.HTTPError as exc:
             outcome = type(exc).__name__
-            raise self._transport_error(exc, started_body=False) from exc
+            raise transport_error(self, exc, started_body=False) from exc
         except LLMError as exc:
             outcome = exc.code
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "closed-by-caller"
             raise
         finally:
             self._log("POST", "chat/completions", model, status, attempt, started, tokens=tokens, outcome=outcome)
         yield StreamChunk(
             finish_reason=finish_reason,
-            usage=usage or Usage(prompt_tokens, tokens, prompt_tokens + tokens, estimated=True),
+            usage=usage or Usage.estimate(prompt_tokens, tokens),
             model=reported_model or model,
         )
 
@@ -354,34 +358,6 @@ class OpenAICompatibleProvider:
         )
         await asyncio.sleep(delay)
 
-    def _status_error(self, response: httpx.Response) -> LLMError:
-        status = response.status_code
-        detail = self._error_detail(response)
-        message = f"{self.alias} answered HTTP {status}" + (f": {detail}" if detail else "")
-        if status == 408:
-            return UpstreamTimeout(message, provider=self.alias)
-        if status in RETRY_STATUSES:
-            retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            return UpstreamUnavailable(message, provider=self.alias, retry_after=retry_after)
-        return UpstreamRejected(message, provider=self.alias)
-
-    def _transport_error(self, exc: httpx.HTTPError, *, started_body: bool) -> LLMError:
-        if isinstance(exc, httpx.TimeoutException):
-            kind = {
-                httpx.ConnectTimeout: f"connect within {self.connect_timeout:g} s (LLM_CONNECT_TIMEOUT)",
-                httpx.PoolTimeout: f"free a pooled connection within {self.connect_timeout:g} s",
-            }.get(type(exc), f"send a byte within {self.read_timeout:g} s (LM_STUDIO_TIMEOUT)")
-            return UpstreamTimeout(f"{self.alias} did not {kind}", provider=self.alias)
-        if isinstance(exc, SSEError):
-            return BadGateway(f"{self.alias} did not answer with an event stream: {exc}", provider=self.alias)
-        if started_body:
-            return BadGateway(f"{self.alias} cut the stream: {type(exc).__name__}", provider=self.alias)
-        if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
-            return UpstreamRejected(f"{self.alias} base URL is not usable: {exc}", provider=self.alias)
-        return UpstreamUnavailable(
-            f"{self.alias} is unreachable at {self.base_url}: {type(exc).__name__}", provider=self.alias
-        )
-
     def _json(self, response: httpx.Response) -> dict[str, Any]:
         try:
             body = orjson.loads(response.content)
@@ -390,17 +366,6 @@ class OpenAICompatibleProvider:
         if not isinstance(body, dict):
             raise BadGateway(f"{self.alias} sent JSON that is not an object", provider=self.alias)
         return body
-
-    def _error_detail(self, response: httpx.Response) -> str:
-        """The upstream's own error message, short and without our key."""
-        try:
-            body = orjson.loads(response.content)
-            error = body.get("error") if isinstance(body, dict) else None
-            detail = (error.get("message") if isinstance(error, dict) else error) or body.get("detail")
-            detail = str(detail) if detail else response.text
-        except (orjson.JSONDecodeError, AttributeError):
-            detail = response.text
-        return self.redact(" ".join(detail.split())[:300])
 
     def redact(self, text: str) -> str:
         return text.replace(self._api_key, "[redacted]") if self._api_key else text

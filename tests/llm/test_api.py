@@ -240,6 +240,19 @@ async def test_stream_reply_carries_upstream_usage(llm_config: Callable[..., Any
     assert frames[-1]["usage"] == {**usage, "estimated": False}
 
 
+async def test_stream_refuses_a_session_it_cannot_continue_with_a_status(
+    llm_config: Callable[..., Any], respx_mock: Any
+) -> None:
+    """Before the event stream starts, so the status tells: unknown 404, still generating 409."""
+    from llm.models import Session
+
+    unknown = await post({"messages": HELLO, "stream": True, "session_id": str(uuid.uuid4())})
+    assert_error(unknown, 404, "SESSION_NOT_FOUND")
+    busy = await Session.objects.acreate(provider="lm_studio", status=Session.Status.STREAMING)
+    response = await post({"messages": HELLO, "stream": True, "session_id": str(busy.pk)})
+    assert_error(response, 409, "GENERATION_IN_PROGRESS")
+
+
 async def test_stream_failure_before_first_token_is_one_error_frame(
     llm_config: Callable[..., Any], respx_mock: Any
 ) -> None:

@@ -227,8 +227,11 @@ async def test_a_watcher_that_missed_frames_is_dropped_with_watch_lagged(upstrea
     await b.disconnect()
 
 
-async def test_watch_falls_back_to_the_database_when_no_process_answers(upstream: FakeUpstream) -> None:
+async def test_watch_falls_back_to_the_database_when_no_process_answers(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A session left `streaming` whose process is gone: the watcher still gets a snapshot."""
+    monkeypatch.setattr("llm.consumers.SNAPSHOT_TIMEOUT", 0.6)
     session = await Session.objects.acreate(provider="lm_studio", status=Session.Status.STREAMING)
     await Message.objects.acreate(session=session, position=0, role="user", content="Hi")
     await Message.objects.acreate(session=session, position=1, role="assistant", content="Half a rep")

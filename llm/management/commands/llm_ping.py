@@ -21,6 +21,8 @@ from llm.types import PingResult
 
 class Command(BaseCommand):
     help = "Ping the LLM provider: list its models and measure latency. Exit 1 when unreachable."
+    # Only the LLM settings matter here, checked in handle() so call_command() checks them too.
+    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--provider", help="Provider alias (default: LLM_PROVIDER).")

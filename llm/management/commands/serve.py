@@ -9,7 +9,6 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from llm import local_model
-from llm.checks import format_errors, run_llm_checks
 from llm.conf import llm_settings
 
 
@@ -25,9 +24,6 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=settings.SERVE_PORT, help="Port (PORT).")
 
     def handle(self, *args: Any, host: str, port: int, **options: Any) -> None:
-        problems = format_errors(run_llm_checks())
-        if problems:
-            raise CommandError(problems)
         model = self._start_local_model()
         try:
             from daphne.cli import CommandLineInterface

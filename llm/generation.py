@@ -161,6 +161,12 @@ class Generation:
             self.finished_at = time.time()
             yield Failed(None, exc)
             return
+        except Exception:  # the database failed: nothing was stored (the transaction rolled back)
+            logger.exception("could not open a session")
+            self.error = InternalError("The server could not store the session; the error is logged")
+            self.finished_at = time.time()
+            yield Failed(None, self.error)
+            return
         except BaseException:  # the client left while the session was being opened
             _in_background(self._close_when_opened(opening))
             raise
@@ -213,8 +219,10 @@ class Generation:
             await close_session(self, position)
         except Exception:
             logger.exception("could not store the end of session %s", self.session_id)
-        await broadcaster.publish(end.frame())
-        await broadcaster.stop()
+        try:
+            await broadcaster.publish(end.frame())
+        finally:
+            await broadcaster.stop()
 
     async def _close_when_opened(self, opening: asyncio.Future[OpenedSession]) -> None:
         try:

@@ -50,6 +50,7 @@ INSTALLED_APPS = [
     "ninja",
     "llm",
     "health",
+    "playground",
 ]
 
 MIDDLEWARE = [

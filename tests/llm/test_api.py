@@ -247,6 +247,7 @@ async def test_stream_refuses_a_session_it_cannot_continue_with_a_status(
     from llm.models import Session
 
     unknown = await post({"messages": HELLO, "stream": True, "session_id": str(uuid.uuid4())})
+    assert not unknown.streaming, "answered 200 with an event stream"
     assert_error(unknown, 404, "SESSION_NOT_FOUND")
     busy = await Session.objects.acreate(provider="lm_studio", status=Session.Status.STREAMING)
     response = await post({"messages": HELLO, "stream": True, "session_id": str(busy.pk)})

@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import websockets
 
-from llm.local_model import free_port
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests import servers
+from tests.servers import project_env
 
 pytestmark = pytest.mark.smollm2
 
@@ -26,39 +20,10 @@ pytestmark = pytest.mark.smollm2
 @pytest.fixture(scope="module")
 def daphne(smollm2_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`daphne negotiator.asgi:application` on a random port, on its own migrated database."""
-    env = {
-        **os.environ,
-        "LM_STUDIO_BASE_URL": smollm2_server,
-        "LM_STUDIO_DEFAULT_MODEL": "",
-        "LLM_MAX_TOKENS": "48",
-        "LLM_RATE_LIMIT": "off",
-        "API_TOKEN": "",
-        "LLM_LOCAL_MODEL": "off",
-    }
-    if not env.get("DATABASE_URL", "").startswith("postgres"):
-        env["DATABASE_URL"] = f"sqlite:///{tmp_path_factory.mktemp('daphne') / 'db.sqlite3'}"
-    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=ROOT, env=env, check=True)
-    port = free_port()
-    log = tmp_path_factory.mktemp("daphne-log") / "daphne.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "negotiator.asgi:application"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        else:
-            pytest.fail(f"daphne did not start:\n{log.read_text(errors='replace')[-3000:]}")
+    logs = tmp_path_factory.mktemp("daphne")
+    env = project_env(logs, LM_STUDIO_BASE_URL=smollm2_server, LLM_MAX_TOKENS="48")
+    with servers.daphne(env, logs) as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 async def frames_until_end(ws: Any, timeout: float = 30) -> list[dict[str, Any]]:

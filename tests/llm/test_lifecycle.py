@@ -198,7 +198,9 @@ async def test_idle_timeout_does_not_count_time_the_caller_spends_between_tokens
     upstream: FakeUpstream, llm_config: Callable[..., Any]
 ) -> None:
     llm_config(idle_timeout=0.3, max_retries=0, lm_studio={"base_url": upstream.base_url, "default_model": ""})
-    upstream.default = Reply(tokens=["a", "b", "c"])
+    # Quick tokens (well inside the idle timeout), each in a packet of its own, so the next read
+    # after the caller's pause has to wait on the socket.
+    upstream.default = Reply(tokens=["a", "b", "c"], delay=0.05)
     chunks = []
     try:
         async for chunk in get_provider("lm_studio").stream(ChatRequest(messages=HI)):
@@ -230,10 +232,14 @@ async def test_unexpected_error_handling_a_frame_is_an_internal_error_frame(
     await comm.disconnect()
 
 
+@pytest.mark.parametrize("part", ["bounded_stream", "Broadcaster.start"])
 async def test_unexpected_error_inside_the_pipeline_fails_the_session_with_internal_error(
-    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, part: str
 ) -> None:
-    real = llm.generation.bounded_stream
+    """A bug in the pipeline, once the session is open: an INTERNAL_ERROR frame, the session
+    stored `failed` with that code (not left `streaming`), and the socket still serves."""
+    owner, name = (llm.generation.Broadcaster, "start") if "." in part else (llm.generation, part)
+    real = getattr(owner, name)
     calls = 0
 
     def broken(*args: Any, **kwargs: Any) -> Any:
@@ -243,7 +249,7 @@ async def test_unexpected_error_inside_the_pipeline_fails_the_session_with_inter
             raise RuntimeError("a bug in the pipeline")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(llm.generation, "bounded_stream", broken)
+    monkeypatch.setattr(owner, name, broken)
     comm = await open_socket()
     await generate(comm)
     frames = await until_end(comm)
@@ -254,6 +260,32 @@ async def test_unexpected_error_inside_the_pipeline_fails_the_session_with_inter
     assert (session.status, session.error_code) == ("failed", "INTERNAL_ERROR")
     await generate_ok(comm)  # the socket still serves
     await comm.disconnect()
+
+
+async def test_unexpected_error_opening_the_session_is_an_internal_error_frame(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The contract: every generate ends with exactly one done or error frame, even when the
+    database fails (here a RuntimeError stands for e.g. an OperationalError)."""
+    real = llm.generation.open_session
+    calls = 0
+
+    async def broken(*args: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("database went away")
+        return await real(*args)
+
+    monkeypatch.setattr(llm.generation, "open_session", broken)
+    comm = await open_socket()
+    await generate(comm)
+    try:
+        error = await recv(comm, timeout=1)
+        assert (error["type"], error["code"]) == ("error", "INTERNAL_ERROR"), error
+        await generate_ok(comm)
+    finally:
+        await comm.disconnect()
 
 
 # 6. Workers: a restarted process with the same pid, and stale streaming sessions ----------------
@@ -276,6 +308,7 @@ async def test_worker_id_tells_a_restart_with_the_same_pid_from_this_process() -
 
 
 async def test_a_stale_streaming_session_can_be_continued_a_fresh_one_cannot(upstream: FakeUpstream) -> None:
+    comm = await open_socket()  # first: the app's start-up recovery would mark the stale one interrupted
     old = timezone.now() - llm.sessions.STALE_AFTER - timedelta(seconds=5)
     stale = await Session.objects.acreate(
         provider="lm_studio", status="streaming", worker="another-host:1:x", updated_at=old
@@ -284,7 +317,6 @@ async def test_a_stale_streaming_session_can_be_continued_a_fresh_one_cannot(ups
     await Message.objects.acreate(session=stale, position=1, role="assistant", content="Half a")
     fresh = await Session.objects.acreate(provider="lm_studio", status="streaming", worker="another-host:1:x")
 
-    comm = await open_socket()
     frames = await generate_ok(comm, session_id=str(stale.pk))
     assert frames[0]["session_id"] == str(stale.pk)
     session, messages = await wait_for_status(str(stale.pk), "completed")

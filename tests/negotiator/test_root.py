@@ -39,7 +39,9 @@ async def test_root_names_the_service_its_version_and_docs() -> None:
     assert response.status_code == 200
     assert response["Content-Type"].startswith("application/json")
     body = response.json()
-    assert body == {"name": "negotiator", "version": __version__, "docs": "/api/v1/docs"}
+    assert body == {
+        "name": "negotiator", "version": __version__, "docs": "/api/v1/docs", "playground": "/playground/"
+    }
     assert isinstance(body["version"], str) and body["version"]
 
 

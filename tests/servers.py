@@ -1,0 +1,81 @@
+"""Real server processes for end-to-end tests: daphne serving the project, the fake upstream."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llm.local_model import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+# Variables of the developer's shell that must not leak into a server a test configures.
+FOREIGN = ("LLM_", "LM_STUDIO_", "OPENROUTER_", "API_TOKEN", "DJANGO_")
+
+
+def project_env(database_dir: Path, **overrides: str) -> dict[str, str]:
+    """The environment of a test server: a fresh SQLite file unless the suite runs on PostgreSQL."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(FOREIGN)}
+    env |= {"LLM_RATE_LIMIT": "off", "LLM_LOCAL_MODEL": "off"}
+    if not env.get("DATABASE_URL", "").startswith("postgres"):
+        env["DATABASE_URL"] = f"sqlite:///{database_dir / 'db.sqlite3'}"
+    return env | overrides
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    pytest.fail(f"{url} did not start:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def manage(env: dict[str, str], *args: str) -> None:
+    subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True, capture_output=True)
+
+
+@contextmanager
+def process(command: list[str], env: dict[str, str], log: Path, ready_url: str) -> Iterator[None]:
+    """Run `command` from the project root until the block ends; wait until `ready_url` answers."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_http(ready_url, proc, log)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@contextmanager
+def daphne(env: dict[str, str], log_dir: Path) -> Iterator[str]:
+    """The project under daphne on a random port, on its migrated database: its base URL."""
+    manage(env, "migrate", "--noinput", "-v0")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "negotiator.asgi:application"]
+    with process(command, env, log_dir / f"daphne-{port}.log", base + "/"):
+        yield base
+
+
+@contextmanager
+def fake_upstream(log_dir: Path, *args: str) -> Iterator[str]:
+    """`tests/fake_upstream.py` in its own process: its base URL (`.../v1`)."""
+    port = free_port()
+    command = [sys.executable, "-m", "tests.fake_upstream", "--port", str(port), *args]
+    base = f"http://127.0.0.1:{port}/v1"
+    with process(command, dict(os.environ), log_dir / f"upstream-{port}.log", base + "/models"):
+        yield base

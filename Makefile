@@ -33,5 +33,9 @@ run: $(VENV)/.run-installed
 test: $(VENV)/.test-installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The relay against the physical limit: a table on stdout, JSON under bench/results/.
+bench: $(VENV)/.test-installed
+	$(PY) bench/relay.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

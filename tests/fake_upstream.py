@@ -46,6 +46,20 @@ class Reply:
     timestamps: bool = False  # append the send time (perf_counter) to each token as "|<t>"
 
 
+    @classmethod
+    def from_spec(cls, spec: str) -> Reply:
+        """A reply described in the model name, for benchmarks through a relay that passes the
+        model on: `bench:tokens=2000,delay=0.02,ttft=0.2,timestamps=1`."""
+        options = dict(part.split("=", 1) for part in spec.removeprefix("bench:").split(",") if "=" in part)
+        return cls(
+            tokens=[f" t{i}" for i in range(int(options.get("tokens", 100)))],
+            delay=float(options.get("delay", 0)),
+            ttft=float(options.get("ttft", 0)),
+            timestamps=options.get("timestamps", "0") == "1",
+            model=spec,
+        )
+
+
 @dataclass
 class Request:
     method: str
@@ -149,6 +163,9 @@ class FakeUpstream:
             await self._send_json(writer, 404, {"error": {"message": "not found"}})
             return True
         reply = self.replies.popleft() if self.replies else self.default
+        model = request.body.get("model") if isinstance(request.body, dict) else None
+        if isinstance(model, str) and model.startswith("bench:"):
+            reply = Reply.from_spec(model)
         if reply.status != 200:
             body = reply.body or json.dumps({"error": {"message": f"fake upstream says {reply.status}"}}).encode()
             await self._send(writer, reply.status, body, {"content-type": "application/json", **reply.headers})

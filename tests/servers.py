@@ -45,12 +45,12 @@ def manage(env: dict[str, str], *args: str) -> None:
 
 
 @contextmanager
-def process(command: list[str], env: dict[str, str], log: Path, ready_url: str) -> Iterator[None]:
+def process(command: list[str], env: dict[str, str], log: Path, ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
     """Run `command` from the project root until the block ends; wait until `ready_url` answers."""
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     try:
         wait_http(ready_url, proc, log)
-        yield
+        yield proc
     finally:
         proc.terminate()
         try:
@@ -61,13 +61,19 @@ def process(command: list[str], env: dict[str, str], log: Path, ready_url: str) 
 
 
 @contextmanager
-def daphne(env: dict[str, str], log_dir: Path) -> Iterator[str]:
-    """The project under daphne on a random port, on its migrated database: its base URL."""
+def daphne_process(env: dict[str, str], log_dir: Path) -> Iterator[tuple[str, int]]:
+    """The project under daphne on a random port, on its migrated database: (base URL, pid)."""
     manage(env, "migrate", "--noinput", "-v0")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "negotiator.asgi:application"]
-    with process(command, env, log_dir / f"daphne-{port}.log", base + "/"):
+    with process(command, env, log_dir / f"daphne-{port}.log", base + "/") as proc:
+        yield base, proc.pid
+
+
+@contextmanager
+def daphne(env: dict[str, str], log_dir: Path) -> Iterator[str]:
+    with daphne_process(env, log_dir) as (base, _pid):
         yield base
 
 

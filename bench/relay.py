@@ -1,0 +1,356 @@
+"""The relay against the physical limit: `make bench` (or `python bench/relay.py --help`).
+
+Every row compares, in the same run, the relay (daphne serving this project, over WebSocket and
+over HTTP SSE) with a plain httpx client reading the same upstream stream directly. The upstream
+is `tests/fake_upstream.py` in its own process (token count, rate and TTFT come in the model name,
+which the relay passes on) and, for one row, the real SmolLM2 server. Prints a table and writes
+it as JSON under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import websockets
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests import servers  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+@dataclass
+class Row:
+    scenario: str
+    figure: str
+    relay: float
+    direct: float
+    value: float  # the figure compared with its target
+    target: str
+    met: bool
+    unit: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# Clients ---------------------------------------------------------------------------------------
+
+
+def count_tokens(text: str) -> int:
+    return text.count(" t")
+
+
+def stamps(text: str) -> list[float]:
+    return [float(part.split(" ", 1)[0]) for part in text.split("|")[1:]]
+
+
+@dataclass
+class Reading:
+    started: float
+    first_token: float = 0.0
+    last_token: float = 0.0
+    ended: float = 0.0
+    tokens: int = 0
+    sent: list[float] = field(default_factory=list)  # upstream send times embedded in the tokens
+    lags: list[float] = field(default_factory=list)  # receive time - send time, per token
+
+    def take(self, text: str, now: float, *, timestamps: bool = False) -> None:
+        if not self.first_token:
+            self.first_token = now
+        self.last_token = now
+        self.tokens += count_tokens(text)
+        if timestamps:
+            sent = stamps(text)
+            self.sent += sent
+            self.lags += [now - at for at in sent]
+
+
+async def direct(client: httpx.AsyncClient, upstream: str, model: str, **flags: bool) -> Reading:
+    """A plain httpx client on the upstream: one request, `aiter_lines`, JSON per event."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 100000}
+    reading = Reading(time.perf_counter())
+    async with client.stream("POST", upstream + "/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            text = (choices[0].get("delta") or {}).get("content")
+            if text:
+                reading.take(text, time.perf_counter(), **flags)
+    reading.ended = time.perf_counter()
+    return reading
+
+
+async def over_websocket(relay: str, model: str, **flags: bool) -> Reading:
+    frame = {"type": "generate", "model": model, "messages": [{"role": "user", "content": "Hi"}],
+             "max_tokens": 100000}
+    async with websockets.connect(relay.replace("http://", "ws://") + "/ws/llm/stream/", max_size=None) as ws:
+        reading = Reading(time.perf_counter())
+        await ws.send(json.dumps(frame))
+        while True:
+            message = json.loads(await ws.recv())
+            if message["type"] == "token":
+                reading.take(message["text"], time.perf_counter(), **flags)
+            elif message["type"] in ("done", "error"):
+                reading.ended = time.perf_counter()
+                if message["type"] == "error":
+                    raise RuntimeError(message)
+                return reading
+
+
+async def over_sse(client: httpx.AsyncClient, relay: str, model: str, **flags: bool) -> Reading:
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100000, "stream": True}
+    reading = Reading(time.perf_counter())
+    async with client.stream("POST", relay + "/api/v1/llm/generate", json=body) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                message = json.loads(line[6:])
+                if message["type"] == "token":
+                    reading.take(message["text"], time.perf_counter(), **flags)
+    reading.ended = time.perf_counter()
+    return reading
+
+
+def rate(reading: Reading) -> float:
+    return reading.tokens / (reading.ended - reading.started)
+
+
+# Scenarios ------------------------------------------------------------------------------------
+
+
+async def fast_single_stream(relay: str, upstream: str, tokens: int, repeats: int) -> list[Row]:
+    model = f"bench:tokens={tokens}"
+    results: dict[str, list[float]] = {"direct": [], "websocket": [], "sse": []}
+    async with httpx.AsyncClient(timeout=120) as client:
+        for _ in range(repeats):  # interleaved, so drift on a shared machine hits all three alike
+            results["direct"].append(rate(await direct(client, upstream, model)))
+            results["websocket"].append(rate(await over_websocket(relay, model)))
+            results["sse"].append(rate(await over_sse(client, relay, model)))
+    best = {name: max(values) for name, values in results.items()}
+    return [
+        Row("1 stream, upstream as fast as it can send", f"relay/direct tokens/s over {face}",
+            best[key], best["direct"], best[key] / best["direct"], ">= 0.85", best[key] / best["direct"] >= 0.85,
+            "tokens/s", {"runs": results})
+        for face, key in (("WS", "websocket"), ("HTTP SSE", "sse"))
+    ]
+
+
+async def concurrent_streams(relay: str, upstream: str, streams: int, per_second: float, tokens: int) -> list[Row]:
+    model = f"bench:tokens={tokens},delay={1 / per_second},timestamps=1"
+
+    async def run(kind: str) -> tuple[float, float, list[float]]:
+        """(tokens/s the upstream sent, tokens/s the client received, latencies in ms)."""
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=streams)) as client:
+            if kind == "direct":
+                readings = await asyncio.gather(*(direct(client, upstream, model, timestamps=True) for _ in range(streams)))
+            else:
+                readings = await asyncio.gather(*(over_websocket(relay, model, timestamps=True) for _ in range(streams)))
+        # Per stream, between its first and last token: what was sent, and what arrived, per second.
+        sent = sum((len(r.sent) - 1) / (r.sent[-1] - r.sent[0]) for r in readings)
+        received = sum((len(r.sent) - 1) / (r.last_token - r.first_token) for r in readings)
+        return sent, received, sorted(lag * 1000 for r in readings for lag in r.lags)
+
+    _, direct_rate, direct_lags = await run("direct")
+    offered, relay_rate, relay_lags = await run("relay")
+    p = lambda values, q: values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")  # noqa: E731
+    added50 = p(relay_lags, 0.50) - p(direct_lags, 0.50)
+    added99 = p(relay_lags, 0.99) - p(direct_lags, 0.99)
+    ratio = relay_rate / offered
+    details = {"relay_latency_ms": {"p50": p(relay_lags, 0.5), "p99": p(relay_lags, 0.99)},
+               "direct_latency_ms": {"p50": p(direct_lags, 0.5), "p99": p(direct_lags, 0.99)}}
+    details["offered_tokens_per_s"] = offered
+    scenario = f"{streams} concurrent streams at {per_second:g} tokens/s each, one worker"
+    return [
+        Row(scenario, "delivered/offered tokens/s", relay_rate, direct_rate, ratio, ">= 0.99", ratio >= 0.99,
+            "tokens/s", details),
+        Row(scenario, "added latency per token, p50 (ms)", p(relay_lags, 0.5), p(direct_lags, 0.5), added50,
+            "-", True, "ms"),
+        Row(scenario, "added latency per token, p99 (ms)", p(relay_lags, 0.99), p(direct_lags, 0.99), added99,
+            "<= 20 ms", added99 <= 20, "ms"),
+    ]
+
+
+async def time_to_first_token(relay: str, upstream: str, ttft: float, repeats: int) -> list[Row]:
+    model = f"bench:tokens=5,ttft={ttft}"
+    relay_ttfts, direct_ttfts = [], []
+    async with httpx.AsyncClient(timeout=60) as client:
+        for _ in range(repeats):
+            reading = await direct(client, upstream, model)
+            direct_ttfts.append((reading.first_token - reading.started) * 1000)
+            reading = await over_websocket(relay, model)
+            relay_ttfts.append((reading.first_token - reading.started) * 1000)
+    relay_median, direct_median = statistics.median(relay_ttfts), statistics.median(direct_ttfts)
+    added = relay_median - direct_median
+    return [Row(f"upstream TTFT {ttft * 1000:g} ms", f"relay TTFT - direct TTFT, median of {repeats} (ms)",
+                relay_median, direct_median, added, "<= 5 ms", added <= 5, "ms",
+                {"relay_ms": relay_ttfts, "direct_ms": direct_ttfts})]
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+async def idle_connections(relay: str, relay_pid: int, count: int) -> list[Row]:
+    url = relay.replace("http://", "ws://") + "/ws/llm/stream/"
+    async with websockets.connect(url):  # warm up: the first socket loads code and caches
+        pass
+    await asyncio.sleep(0.5)
+    before = rss_kib(relay_pid)
+    sockets = []
+    for start in range(0, count, 100):
+        sockets += await asyncio.gather(*(websockets.connect(url) for _ in range(min(100, count - start))))
+    await asyncio.sleep(1)
+    after = rss_kib(relay_pid)
+    for ws in sockets:
+        await ws.close()
+    per = (after - before) / count
+    return [Row(f"{count} open idle WebSocket connections, one worker", "RSS growth per connection (KiB)",
+                per, 0, per, "<= 60 KiB", per <= 60, "KiB", {"rss_before_kib": before, "rss_after_kib": after})]
+
+
+async def smollm2(relay: str, upstream: str, tokens: int, repeats: int) -> list[Row]:
+    relay_rates, direct_rates = [], []
+    prompt = "Write a long, detailed story about a lighthouse keeper."
+
+    async def run_direct(client: httpx.AsyncClient) -> float:
+        body = {"messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": tokens}
+        count, started = 0, time.perf_counter()
+        async with client.stream("POST", upstream + "/chat/completions", json=body) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: {"):
+                    delta = (json.loads(line[6:])["choices"] or [{}])[0].get("delta") or {}
+                    count += bool(delta.get("content"))
+        return count / (time.perf_counter() - started)
+
+    async def run_relay() -> float:
+        frame = {"type": "generate", "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens}
+        async with websockets.connect(relay.replace("http://", "ws://") + "/ws/llm/stream/") as ws:
+            started = time.perf_counter()
+            await ws.send(json.dumps(frame))
+            while True:
+                message = json.loads(await ws.recv())
+                if message["type"] == "done":
+                    return message["usage"]["completion_tokens"] / (time.perf_counter() - started)
+                if message["type"] == "error":
+                    raise RuntimeError(message)
+
+    async with httpx.AsyncClient(timeout=120) as client:
+        await run_direct(client)  # warm the model
+        for _ in range(repeats):
+            direct_rates.append(await run_direct(client))
+            relay_rates.append(await run_relay())
+    relay_rate, direct_rate = statistics.median(relay_rates), statistics.median(direct_rates)
+    ratio = relay_rate / direct_rate
+    return [Row(f"real SmolLM2, {tokens} tokens", "relay tokens/s / direct tokens/s", relay_rate, direct_rate,
+                ratio, ">= 0.97", ratio >= 0.97, "tokens/s", {"relay": relay_rates, "direct": direct_rates})]
+
+
+# Running ---------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cores": os.cpu_count(),
+        "cpu": next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                     if l.startswith("model name")), platform.processor()),
+        "python": platform.python_version(),
+        "versions": {name: version(name) for name in ("django", "channels", "daphne", "httpx", "orjson")},
+    }
+
+
+def print_table(title: str, rows: list[Row]) -> None:
+    print(f"\n{title}")
+    header = f"{'scenario':<52} {'figure':<42} {'relay':>10} {'direct':>10} {'value':>8}  {'target':<10} met"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(f"{row.scenario[:52]:<52} {row.figure[:42]:<42} {row.relay:>10.1f} {row.direct:>10.1f} "
+              f"{row.value:>8.3f}  {row.target:<10} {'yes' if row.met else 'NO'}")
+
+
+async def run_backend(name: str, env_extra: dict[str, str], args: argparse.Namespace, logs: Path,
+                      smollm2_url: str | None) -> list[Row]:
+    env = servers.project_env(logs, **env_extra, LLM_MAX_CONNECTIONS="400", LLM_MAX_KEEPALIVE="400",
+                              LOG_LEVEL="WARNING", LLM_MAX_TOKENS="100000")
+    rows: list[Row] = []
+    with servers.fake_upstream(logs, "--tokens", "10") as upstream:
+        env["LM_STUDIO_BASE_URL"] = upstream
+        with servers.daphne_process(env, logs) as (relay, pid):
+            rows += await fast_single_stream(relay, upstream, args.fast_tokens, args.repeats)
+            rows += await concurrent_streams(relay, upstream, args.streams, 50, args.stream_tokens)
+            rows += await time_to_first_token(relay, upstream, 0.2, 20)
+            rows += await idle_connections(relay, pid, args.idle)
+    if smollm2_url:
+        env["LM_STUDIO_BASE_URL"] = smollm2_url
+        with servers.daphne(env, logs) as relay:
+            rows += await smollm2(relay, smollm2_url, 128, args.repeats)
+    for row in rows:
+        row.scenario = f"{row.scenario} [{name}]" if name != "sqlite" else row.scenario
+    return rows
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the bench)")
+    parser.add_argument("--no-smollm2", action="store_true", help="skip the real-model row")
+    parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL + Redis rows")
+    parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/test")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    args = parser.parse_args()
+    args.repeats = 2 if args.quick else 5
+    args.fast_tokens = 5000 if args.quick else 30000
+    args.streams = 20 if args.quick else 100
+    args.stream_tokens = 50 if args.quick else 200
+    args.idle = 100 if args.quick else 1000
+
+    info = machine()
+    print(f"machine: {info['cores']} cores, {info['cpu']}, Python {info['python']}; "
+          + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        logs = Path(tmp)
+        smollm2_url = None
+        if not args.no_smollm2:
+            from llm.local_model import LocalModelServer
+
+            model = stack.enter_context(LocalModelServer(log_path=logs / "smollm2.log"))
+            smollm2_url = model.base_url
+        rows += await run_backend("sqlite", {"DATABASE_URL": f"sqlite:///{logs / 'bench.sqlite3'}"},
+                                  args, logs, smollm2_url)
+        print_table("SQLite + in-memory channel layer", rows)
+        if not args.no_postgres:
+            pg_rows = await run_backend("postgres+redis", {"DATABASE_URL": args.database_url,
+                                                            "REDIS_URL": args.redis_url}, args, logs, smollm2_url)
+            print_table("PostgreSQL + Redis", pg_rows)
+            rows += pg_rows
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS / f"relay-{stamp}.json"
+    path.write_bytes(orjson.dumps({"machine": info, "quick": args.quick, "rows": [asdict(r) for r in rows]},
+                                  option=orjson.OPT_INDENT_2))
+    print(f"\nwritten: {path.relative_to(ROOT)}")
+    return 0 if all(row.met for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

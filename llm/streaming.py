@@ -18,18 +18,64 @@ from .exceptions import BadGateway
 from .types import Message, StreamChunk, Usage
 
 DONE = "[DONE]"
+DONE_BYTES = b"[DONE]"
 
 
-def parse_chunk(data: str, *, provider: str | None = None) -> StreamChunk | None:
+class SSEDataReader:
+    """The `data` of each Server-Sent Event in a byte stream fed in arbitrary pieces.
+
+    Follows the WHATWG rules as httpx-sse does (the tests hold the two to the same output on
+    every split): lines end in LF, CRLF or CR; a blank line ends an event; comments and other
+    fields are dropped; an unfinished event at the end is not dispatched. It works on bytes, a
+    network read at a time, which the relay's hot path needs (httpx-sse goes event by event
+    through text decoding).
+    """
+
+    __slots__ = ("_tail",)
+
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def flush(self) -> list[bytes]:
+        """At the end of the stream: a CR held back as half a CRLF was a line end after all."""
+        if not self._tail.endswith(b"\r"):
+            return []
+        return self.feed(b"\n")
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self._tail + data if self._tail else data
+        hold = b""
+        if b"\r" in buffer:
+            if buffer.endswith(b"\r"):  # maybe the first half of a CRLF: decide on the next read
+                buffer, hold = buffer[:-1], b"\r"
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        *events, rest = buffer.split(b"\n\n")
+        self._tail = rest + hold
+        found = []
+        for event in events:
+            if event.startswith(b"data: ") and b"\n" not in event:
+                found.append(event[6:])
+                continue
+            lines = []
+            for line in event.split(b"\n"):
+                name, _, value = line.partition(b":")
+                if name == b"data":
+                    lines.append(value[1:] if value.startswith(b" ") else value)
+            if lines:
+                found.append(b"\n".join(lines))
+        return found
+
+
+def parse_chunk(data: str | bytes, *, provider: str | None = None) -> StreamChunk | None:
     """Decode one `data:` payload; `None` for `[DONE]`. In-stream errors raise `BadGateway`."""
-    if data == DONE:
+    if data == DONE or data == DONE_BYTES:
         return None
     try:
         payload = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise BadGateway(f"Upstream sent invalid JSON in its stream: {data[:200]!r}", provider=provider) from exc
+        raise BadGateway(f"Upstream sent invalid JSON in its stream: {_shown(data)}", provider=provider) from exc
     if not isinstance(payload, dict):
-        raise BadGateway(f"Upstream sent a stream chunk that is not an object: {data[:200]!r}", provider=provider)
+        raise BadGateway(f"Upstream sent a stream chunk that is not an object: {_shown(data)}", provider=provider)
     raise_for_error(payload, provider=provider)
 
     chunk = StreamChunk(model=payload.get("model") or None, usage=parse_usage(payload.get("usage")))
@@ -43,6 +89,11 @@ def parse_chunk(data: str, *, provider: str | None = None) -> StreamChunk | None
         chunk.text = content or ""
         chunk.finish_reason = choice.get("finish_reason") or None
     return chunk
+
+
+def _shown(data: str | bytes) -> str:
+    text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+    return repr(text[:200])
 
 
 def raise_for_error(payload: dict[str, Any], *, provider: str | None = None) -> None:
@@ -192,27 +243,28 @@ def _merge(pieces: list[StreamChunk]) -> StreamChunk:
 async def bounded_stream(
     chunks: AsyncIterable[StreamChunk], *, max_tokens: int, prompt_tokens: int = 0
 ) -> AsyncIterator[StreamChunk]:
-    """Pass pieces through until `max_tokens` text pieces, then close `chunks` and finish `length`.
+    """Pass pieces through until `max_tokens` tokens, then close `chunks` and finish `length`.
 
-    A safety net for upstreams that ignore `max_tokens`: each streamed piece holds at least one
-    token, so the bound never cuts a reply that kept to its budget.
+    A safety net for upstreams that ignore `max_tokens`; a piece holding several tokens is cut
+    between them. It never cuts a reply that kept to its budget.
     """
     count = 0
     iterator = aiter(chunks)
     try:
         async for chunk in iterator:
-            if chunk.text:
-                count += 1
-            yield chunk
-            if chunk.finish_reason:
-                return
-            if count >= max_tokens:
-                yield StreamChunk(
-                    finish_reason="length",
-                    usage=Usage.estimate(prompt_tokens, count),
-                    model=chunk.model,
-                )
-                return
+            if chunk.finish_reason or count + chunk.tokens <= max_tokens:
+                # Within budget (a reply of exactly max_tokens keeps its own finish and usage).
+                count += chunk.tokens
+                yield chunk
+                if chunk.finish_reason:
+                    return
+                continue
+            kept = (chunk.pieces or [chunk.text])[: max_tokens - count]
+            count += len(kept)
+            if kept:
+                yield StreamChunk(text="".join(kept), model=chunk.model, pieces=kept)
+            yield StreamChunk(finish_reason="length", usage=Usage.estimate(prompt_tokens, count), model=chunk.model)
+            return
     finally:
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:

@@ -41,12 +41,23 @@ class Usage:
 
 @dataclass(slots=True)
 class StreamChunk:
-    """A piece of a streamed reply: text, and on the last chunk the finish reason and usage."""
+    """A piece of a streamed reply: text, and on the last chunk the finish reason and usage.
+
+    A piece may hold several tokens that arrived together; `pieces` then lists their texts, so
+    a budget (`bounded_stream`) can stop between any two of them.
+    """
 
     text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
     model: str | None = None
+    pieces: list[str] | None = None
+
+    @property
+    def tokens(self) -> int:
+        if self.pieces is not None:
+            return len(self.pieces)
+        return 1 if self.text else 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,12 @@ from typing import Any
 
 import httpx
 import orjson
-from httpx_sse import EventSource
 
 from ..exceptions import BadGateway, LLMError, UpstreamTimeout, UpstreamUnavailable
+from ..idle import IdleTimer
 from ..retries import backoff_delay
 from ..streaming import (
+    SSEDataReader,
     estimate_prompt_tokens,
     estimate_tokens,
     parse_chunk,
@@ -267,7 +268,6 @@ class OpenAICompatibleProvider:
         self, payload: dict[str, Any], model: str, attempt: int, prompt_tokens: int
     ) -> AsyncIterator[StreamChunk]:
         """One streaming request: text pieces, then the closing piece; errors mapped, not retried."""
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         status: int | str = "-"
         outcome = "ok"
@@ -280,40 +280,61 @@ class OpenAICompatibleProvider:
                 if response.status_code >= 400:
                     await response.aread()
                     raise status_error(self, response)
-                events = EventSource(response).aiter_sse()
-                deadline = loop.time() + self.idle_timeout
+                if "text/event-stream" not in response.headers.get("content-type", ""):
+                    raise BadGateway(
+                        f"{self.alias} did not answer with an event stream "
+                        f"(Content-Type {response.headers.get('content-type')!r})",
+                        provider=self.alias,
+                    )
+                # All the tokens one read brings go on as one piece (they arrived together).
+                events = SSEDataReader()
+                reads = response.aiter_bytes()
+                idle = IdleTimer(self.idle_timeout)
+                ended = False
                 try:
-                    while True:
+                    while not ended:
+                        idle.reading = True
                         try:
-                            async with asyncio.timeout_at(deadline):
-                                event = await anext(events)
+                            data = await anext(reads)
                         except StopAsyncIteration:
-                            break
-                        except TimeoutError as exc:
+                            data = None
+                            ended = True
+                        except asyncio.CancelledError as exc:
+                            if not idle.caused(exc):
+                                raise
                             if finish_reason:
                                 break
                             raise UpstreamTimeout(
                                 f"{self.alias} sent no token for {self.idle_timeout:g} s "
                                 "(LLM_STREAM_IDLE_TIMEOUT)",
                                 provider=self.alias,
-                            ) from exc
+                            ) from None
                         except httpx.HTTPError as exc:
                             if finish_reason:
                                 break  # the reply was whole; only trailing usage or [DONE] is lost
                             raise transport_error(self, exc, started_body=True) from exc
-                        chunk = parse_chunk(event.data, provider=self.alias)
-                        if chunk is None:
-                            break
-                        reported_model = reported_model or chunk.model
-                        usage = chunk.usage or usage
-                        finish_reason = chunk.finish_reason or finish_reason
-                        if chunk.text:
-                            tokens += 1
-                            yield StreamChunk(text=chunk.text, model=reported_model or model)
-                            # From here: time the caller spent with the token is not idleness.
-                            deadline = loop.time() + self.idle_timeout
+                        finally:
+                            idle.reading = False
+                        pieces = []
+                        for event in events.flush() if data is None else events.feed(data):
+                            chunk = parse_chunk(event, provider=self.alias)
+                            if chunk is None:
+                                ended = True
+                                break
+                            reported_model = reported_model or chunk.model
+                            usage = chunk.usage or usage
+                            finish_reason = chunk.finish_reason or finish_reason
+                            if chunk.text:
+                                pieces.append(chunk.text)
+                        if pieces:
+                            tokens += len(pieces)
+                            yield StreamChunk(
+                                text="".join(pieces), model=reported_model or model, pieces=pieces
+                            )
+                            idle.touch()  # time the caller spent with the tokens is not idleness
                 finally:
-                    await events.aclose()
+                    idle.stop()
+                    await reads.aclose()
             if not finish_reason:
                 raise BadGateway(
                     f"{self.alias} ended the stream without a finish reason"

@@ -290,8 +290,11 @@ def print_table(title: str, rows: list[Row]) -> None:
 
 async def run_backend(name: str, env_extra: dict[str, str], args: argparse.Namespace, logs: Path,
                       smollm2_url: str | None) -> list[Row]:
+    # Production settings (debug off: no per-query SQL logging), served over plain HTTP here.
     env = servers.project_env(logs, **env_extra, LLM_MAX_CONNECTIONS="400", LLM_MAX_KEEPALIVE="400",
-                              LOG_LEVEL="WARNING", LLM_MAX_TOKENS="100000")
+                              LOG_LEVEL="WARNING", LLM_MAX_TOKENS="100000", DJANGO_DEBUG="false",
+                              DJANGO_SECRET_KEY="bench-" + "x" * 50, DJANGO_SECURE_SSL_REDIRECT="false",
+                              DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost")
     rows: list[Row] = []
     with servers.fake_upstream(logs, "--tokens", "10") as upstream:
         env["LM_STUDIO_BASE_URL"] = upstream

@@ -42,6 +42,8 @@ FRAMES = {"generate": GenerateFrame, "cancel": CancelFrame, "watch": WatchFrame}
 # no answer shows what the database holds (the process may have died, or just finished).
 WATCH_RETRY = 0.5
 SNAPSHOT_TIMEOUT = 5.0
+# A session not in the database may still be being written while it streams: asked this long.
+NOT_STORED_TIMEOUT = 1.0
 # Closing waits this long for the generation to store its partial reply.
 CLOSE_TIMEOUT = 5.0
 # Close code of a refused handshake (before accept it reaches the client as HTTP 403).
@@ -152,30 +154,33 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
     async def _watch(self, session_id: str) -> None:
         await self._stop_watching()
         found = await stored_reply(session_id)
-        if found is None:
-            raise SessionNotFound(f"Session {session_id} does not exist")
-        session, text = found
-        if session.status != "streaming":
-            await self.send_json(_watching(session_id, session.status, text))
+        if found is not None and found[0].status != "streaming":
+            await self.send_json(_watching(session_id, found[0].status, found[1]))
             return
+        # Streaming, or not stored yet (a new session's row is written while it already streams):
+        # the generating process, wherever it runs, answers for it.
         self.watch = _Watch(session_id)
         await self.channel_layer.group_add(frames_group(session_id), self.channel_name)
-        self.watch.asker = asyncio.create_task(self._ask_for_snapshot(session_id))
+        timeout = SNAPSHOT_TIMEOUT if found is not None else NOT_STORED_TIMEOUT
+        self.watch.asker = asyncio.create_task(self._ask_for_snapshot(session_id, timeout))
 
-    async def _ask_for_snapshot(self, session_id: str) -> None:
-        """Ask the generating process until it answers (it may not listen yet); after
-        SNAPSHOT_TIMEOUT, answer from the database through this consumer's own queue, so the
-        answer is handled in order with live frames."""
+    async def _ask_for_snapshot(self, session_id: str, timeout: float) -> None:
+        """Ask the generating process until it answers (it may not listen yet); after `timeout`,
+        answer from the database through this consumer's own queue, so the answer is handled in
+        order with live frames."""
         request = {"type": "llm.watch", "reply_to": self.channel_name}
-        deadline = asyncio.get_running_loop().time() + SNAPSHOT_TIMEOUT
+        deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
             await self.channel_layer.group_send(control_group(session_id), request)
             await asyncio.sleep(WATCH_RETRY)
         found = await stored_reply(session_id)
-        status, text = (found[0].status, found[1]) if found else ("interrupted", "")
-        snapshot = {"type": "llm.snapshot", "session_id": session_id, "status": status, "text": text,
-                    "offset": len(text), "final": True}
-        await self.channel_layer.send(self.channel_name, snapshot)
+        if found is None:
+            answer = {"type": "llm.snapshot", "session_id": session_id, "missing": True}
+        else:
+            text = found[1]
+            answer = {"type": "llm.snapshot", "session_id": session_id, "status": found[0].status, "text": text,
+                      "offset": len(text), "final": True}
+        await self.channel_layer.send(self.channel_name, answer)
 
     async def llm_snapshot(self, event: dict[str, Any]) -> None:
         """The generating process's answer to our watch: the reply so far, then buffered frames.
@@ -188,6 +193,10 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
         watch.pending = False
         if watch.asker is not None and watch.asker is not asyncio.current_task():
             watch.asker.cancel()
+        if event.get("missing"):
+            await self._stop_watching()
+            await self._send_error(SessionNotFound(f"Session {watch.session_id} does not exist"))
+            return
         watch.offset = event["offset"]
         await self.send_json(_watching(watch.session_id, event["status"], event["text"]))
         buffered, watch.buffer = watch.buffer, []

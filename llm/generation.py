@@ -2,7 +2,7 @@
 
     face -> Generation.events() -> provider.stream() -> bounded_stream -> coalesce_chunks
                  |  yields Start, Token..., then exactly one Done or Failed
-                 |-> sessions (stored at the start, every SAVE_INTERVAL s, and at the end)
+                 |-> sessions (stored at the start and the end) and autosave (every 2 s)
                  '-> Broadcaster (the same frames to watchers, once someone watches)
 
 Events carry their contract frame (`event.frame()`), so a face only serialises them.
@@ -11,14 +11,15 @@ Events carry their contract frame (`event.frame()`), so a face only serialises t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .autosave import autosave
 from .broadcast import Broadcaster
 from .conf import provider_chain
 from .exceptions import (
@@ -30,7 +31,7 @@ from .exceptions import (
     UpstreamUnavailable,
 )
 from .providers import OpenAICompatibleProvider, get_provider
-from .sessions import SAVE_INTERVAL, OpenedSession, checkpoint, close_session, open_session
+from .sessions import OpenedSession, close_session, open_session
 from .streaming import bounded_stream, coalesce_chunks, estimate_prompt_tokens, estimate_tokens
 from .types import ChatRequest, StreamChunk, Usage
 
@@ -40,7 +41,7 @@ logger = logging.getLogger("llm.generation")
 FALLBACK_ERRORS = (UpstreamUnavailable, UpstreamTimeout, ProviderDisabled)
 
 # Tokens are merged into one frame for at most this long, or until this many characters.
-COALESCE_DELAY = 0.01
+COALESCE_DELAY = float(__import__("os").environ.get("EXP_DELAY", "0.01"))
 COALESCE_CHARS = 2048
 
 
@@ -153,28 +154,42 @@ class Generation:
         """
         chain = self._provider_chain()
         self.provider = chain[0].alias
-        opening = asyncio.ensure_future(open_session(self.session_id, self.request.messages, self.provider))
-        try:
-            opened = await asyncio.shield(opening)
-        except NegotiatorError as exc:
-            self.error = exc
-            self.finished_at = time.time()
-            yield Failed(None, exc)
-            return
-        except Exception:  # the database failed: nothing was stored (the transaction rolled back)
-            logger.exception("could not open a session")
-            self.error = InternalError("The server could not store the session; the error is logged")
-            self.finished_at = time.time()
-            yield Failed(None, self.error)
-            return
-        except BaseException:  # the client left while the session was being opened
-            _in_background(self._close_when_opened(opening))
-            raise
-        self.session_id = opened.session_id
+        create = self.session_id is None
+        if create:
+            self.session_id = str(uuid.uuid4())
+        opening = asyncio.ensure_future(
+            open_session(self.session_id, self.request.messages, self.provider, create=create)
+        )
+        if create:
+            # Nothing to read first: the upstream request and the reply start while the session
+            # is written, so bookkeeping never delays a token (a burst of new sessions queues
+            # their writes). Every later write waits for it; a watcher or a reader of the API may
+            # find the session a moment after its start frame.
+            opened = OpenedSession(self.session_id, [], len(self.request.messages))
+        else:
+            try:
+                opened = await asyncio.shield(opening)
+            except NegotiatorError as exc:
+                self.error = exc
+                self.finished_at = time.time()
+                yield Failed(None, exc)
+                return
+            except Exception:  # the database failed: nothing was stored (the transaction rolled back)
+                logger.exception("could not open a session")
+                self.error = InternalError("The server could not store the session; the error is logged")
+                self.finished_at = time.time()
+                yield Failed(None, self.error)
+                return
+            except BaseException:  # the client left while the session was being opened
+                _in_background(self._close_when_opened(opening))
+                raise
         request = replace(self.request, messages=[*opened.history, *self.request.messages])
         broadcaster = Broadcaster(self.session_id, self.snapshot)
-        closing = asyncio.Event()
-        autosave = asyncio.create_task(self._autosave(opened.reply_position, closing))
+        saver = autosave()
+        position = opened.reply_position
+        opening.add_done_callback(
+            lambda done: None if self.finished_at or done.cancelled() or done.exception() else saver.track(self, position)
+        )
         end: Done | Failed | None = None
         try:
             await broadcaster.start()
@@ -187,6 +202,7 @@ class Generation:
             except NegotiatorError as exc:
                 self.error = exc
                 logger.info("generation failed session=%s code=%s", self.session_id, exc.code)
+            await asyncio.shield(opening)  # a session that could not be stored ends in an error
             end = self._end(request)
         except Exception:
             logger.exception("generation crashed session=%s", self.session_id)
@@ -196,8 +212,8 @@ class Generation:
             if end is None:  # the client left (closed the iterator or cancelled its task)
                 self.finish_reason = "cancelled"
                 end = self._end(request)
-            closing.set()
-            finishing = _in_background(self._close(autosave, broadcaster, opened.reply_position, end))
+            saver.untrack(self.session_id)
+            finishing = _in_background(self._close(opening, broadcaster, position, end))
             await asyncio.shield(finishing)
         yield end
 
@@ -211,11 +227,11 @@ class Generation:
         return Done(self.session_id, self.finish_reason or "stop", self.usage)
 
     async def _close(
-        self, autosave: asyncio.Task[None], broadcaster: Broadcaster, position: int, end: Done | Failed
+        self, opening: asyncio.Future[OpenedSession], broadcaster: Broadcaster, position: int, end: Done | Failed
     ) -> None:
         """Store the end, then tell watchers: runs to completion even if the client leaves."""
-        await autosave
         try:
+            await opening
             await close_session(self, position)
         except Exception:
             logger.exception("could not store the end of session %s", self.session_id)
@@ -292,20 +308,6 @@ class Generation:
 
     def _start_event(self) -> Start:
         return Start(self.session_id, self.provider, self.model or "", tuple(self.tried))
-
-    async def _autosave(self, position: int, closing: asyncio.Event) -> None:
-        """Save the reply every SAVE_INTERVAL s until `closing` is set (never cut mid-write)."""
-        saved = -1
-        while not closing.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(SAVE_INTERVAL):
-                    await closing.wait()
-                break
-            try:
-                await checkpoint(self.session_id, position, self.text if self.length != saved else "")
-                saved = self.length
-            except Exception:
-                logger.exception("checkpoint of session %s failed", self.session_id)
 
     async def _cancellable(self, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
         """Pass `chunks` through, in the task that reads the upstream, so `cancel()` can stop it."""

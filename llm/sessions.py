@@ -1,8 +1,8 @@
-"""Persistence of generations: open (create or continue) a session, checkpoint the reply, close it.
+"""Persistence of generations: open (create or continue) a session, and close it.
 
-Writes go through `database_sync_to_async` (one transaction each), never per token: the reply is
-saved every `SAVE_INTERVAL` seconds while it streams and once at the end, so a crash loses at
-most those seconds. `recover_interrupted()` marks sessions whose process died as `interrupted`.
+Writes go through `database_sync_to_async` (one transaction each), never per token: while a
+reply streams, `llm.autosave` saves it every few seconds; it is stored whole at the end.
+`recover_interrupted()` marks sessions whose process died as `interrupted`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("llm.sessions")
 
-SAVE_INTERVAL = 2.0
 # A streaming session whose process has not saved for this long is taken for dead.
 STALE_AFTER = timedelta(seconds=60)
 
@@ -55,15 +54,17 @@ class OpenedSession:
 
 
 @database_sync_to_async
-def open_session(session_id: str | None, messages: list[MessageDict], provider: str) -> OpenedSession:
-    """Create a session, or claim a stored one for a new turn; store the new messages.
+def open_session(
+    session_id: str, messages: list[MessageDict], provider: str, *, create: bool
+) -> OpenedSession:
+    """Create the session `session_id`, or claim a stored one for a new turn; store the messages.
 
     Returns the whole conversation to send upstream (stored history first).
     """
     now = timezone.now()
     with transaction.atomic():
-        if session_id is None:
-            session = Session.objects.create(provider=provider, worker=worker_id(), updated_at=now)
+        if create:
+            session = Session.objects.create(pk=session_id, provider=provider, worker=worker_id(), updated_at=now)
             history: list[MessageDict] = []
             start = 0
         else:
@@ -94,19 +95,6 @@ def open_session(session_id: str | None, messages: list[MessageDict], provider: 
             for i, m in enumerate(messages)
         )
     return OpenedSession(str(session.pk), history, start + len(messages))
-
-
-@database_sync_to_async
-def checkpoint(session_id: str, position: int, text: str) -> None:
-    """Save the reply so far (or only mark the session alive when `text` is unchanged)."""
-    now = timezone.now()
-    with transaction.atomic():
-        if text:
-            Message.objects.update_or_create(
-                session_id=session_id, position=position,
-                defaults={"role": Message.Role.ASSISTANT, "content": text},
-            )
-        Session.objects.filter(pk=session_id).update(updated_at=now)
 
 
 @database_sync_to_async

@@ -86,7 +86,16 @@ TEMPLATES = [
 ]
 
 DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
-if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL: readers never wait for the writer; synchronous=NORMAL: no fsync per commit (a power
+    # cut may lose the last commits, never corrupt); IMMEDIATE: no lock upgrades that fail.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        init_command="PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;", transaction_mode="IMMEDIATE"
+    )
+    # Async code reaches the ORM through one long-lived thread: keep its connection open
+    # rather than reconnecting (and re-running the PRAGMAs) around every query.
+    DATABASES["default"]["CONN_MAX_AGE"] = None
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     # A bounded psycopg pool per process: async code reaches the ORM through one thread, and the
     # pool keeps its connections open between calls instead of reconnecting for each.
     DATABASES["default"]["CONN_MAX_AGE"] = 0

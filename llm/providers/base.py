@@ -32,6 +32,7 @@ from ..streaming import (
 )
 from ..types import ChatRequest, Completion, PingResult, StreamChunk, Usage
 from .errors import status_error, transport_error
+from .network import asyncio_transport
 
 logger = logging.getLogger("llm.upstream")
 
@@ -127,9 +128,8 @@ class OpenAICompatibleProvider:
                     write=self.read_timeout,
                     pool=self.read_timeout,
                 ),
-                limits=httpx.Limits(
-                    max_connections=self.max_connections,
-                    max_keepalive_connections=self.max_keepalive,
+                transport=asyncio_transport(
+                    httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_keepalive)
                 ),
                 headers=self.get_headers(),
                 follow_redirects=False,

@@ -19,6 +19,7 @@ from django.db import connections
 from django.test import AsyncClient
 from django.utils import timezone
 
+import llm.autosave
 import llm.generation
 import llm.sessions
 from llm.models import Message, Session
@@ -183,20 +184,25 @@ async def test_stalled_stream_is_stored_failed_timeout_with_its_partial_text(
 # Writes: every SAVE_INTERVAL, not per token ----------------------------------------------------
 
 
+@pytest.fixture
+def writes(monkeypatch: Any) -> list[tuple[float, dict[str, str]]]:
+    """Every autosave write, as (time, {session_id: text}), with SAVE_INTERVAL at 0.2 s."""
+    calls: list[tuple[float, dict[str, str]]] = []
+    original = llm.autosave._write
+
+    async def counting(changed: list[tuple[str, int, str, bool]], alive: list[str]) -> None:
+        calls.append((time.monotonic(), {sid: text for sid, _, text, _ in changed}))
+        await original(changed, alive)
+
+    monkeypatch.setattr(llm.autosave, "_write", counting)
+    monkeypatch.setattr(llm.autosave, "SAVE_INTERVAL", 0.2)
+    return calls
+
+
 @pytest.mark.django_db(transaction=True)
-async def test_reply_is_checkpointed_periodically_not_per_token(upstream: Any, monkeypatch: Any) -> None:
+async def test_reply_is_saved_periodically_not_per_token(upstream: Any, writes: list[Any]) -> None:
     tokens = [f" t{i}" for i in range(40)]
     upstream.replies.append(Reply(tokens=tokens, delay=0.05))  # about 2 s
-    calls: list[tuple[float, str]] = []
-    original = llm.generation.checkpoint
-
-    async def counting_checkpoint(session_id: str, position: int, text: str) -> None:
-        calls.append((time.monotonic(), text))
-        await original(session_id, position, text)
-
-    monkeypatch.setattr(llm.generation, "checkpoint", counting_checkpoint)
-    monkeypatch.setattr(llm.generation, "SAVE_INTERVAL", 0.2)
-    monkeypatch.setattr(llm.sessions, "SAVE_INTERVAL", 0.2)
 
     task = asyncio.create_task(generate({"messages": CONVERSATION}))
     seen: list[str] = []  # the stored reply, read from the database while it streams
@@ -215,11 +221,10 @@ async def test_reply_is_checkpointed_periodically_not_per_token(upstream: Any, m
     final = "".join(tokens)
     assert response.json()["content"] == final
 
-    # A handful of checkpoints for 40 tokens over ~2 s at 0.2 s: not one per token, not none.
-    assert 3 <= len(calls) <= 20, len(calls)
-    assert len(calls) < len(tokens)
-    saved_texts = [text for _, text in calls if text]
-    assert saved_texts, "no checkpoint carried the reply so far"
+    # A handful of saves for 40 tokens over ~2 s at 0.2 s: not one per token, not none.
+    assert 3 <= len(writes) <= 20, len(writes)
+    saved_texts = [text for _, changed in writes for text in changed.values()]
+    assert saved_texts, "no save carried the reply so far"
     assert all(final.startswith(text) for text in saved_texts)
 
     # Mid-stream, the database holds a growing prefix of the final reply.
@@ -234,21 +239,25 @@ async def test_reply_is_checkpointed_periodically_not_per_token(upstream: Any, m
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_short_generation_is_not_checkpointed(upstream: Any, monkeypatch: Any) -> None:
+async def test_concurrent_streams_share_one_write_per_interval(upstream: Any, writes: list[Any]) -> None:
+    """Five streams at once cost one write per interval, not five: the process saves them together."""
+    upstream.default = Reply(tokens=[f" t{i}" for i in range(20)], delay=0.05)  # about 1 s each
+    responses = await asyncio.gather(*(generate({"messages": CONVERSATION}) for _ in range(5)))
+    assert all(r.status_code == 200 for r in responses)
+    busy = [changed for _, changed in writes if changed]
+    assert busy, "nothing was saved while the replies streamed"
+    assert max(len(changed) for changed in busy) == 5  # one write carried all five replies
+    assert len(writes) <= 8  # ~1 s at 0.2 s per interval, whatever the number of streams
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_short_generation_is_not_saved_while_streaming(upstream: Any, writes: list[Any]) -> None:
     """A reply shorter than SAVE_INTERVAL is written at its start and its end only."""
-    calls: list[str] = []
-    original = llm.generation.checkpoint
-
-    async def counting_checkpoint(session_id: str, position: int, text: str) -> None:
-        calls.append(text)
-        await original(session_id, position, text)
-
-    monkeypatch.setattr(llm.generation, "checkpoint", counting_checkpoint)
     upstream.replies.append(Reply(tokens=[f" w{i}" for i in range(50)]))
 
     response = await generate({"messages": CONVERSATION})
     assert response.status_code == 200
-    assert calls == []
+    assert writes == []
     session = await only_session()
     assert (await messages_of(session))[-1][2] == "".join(f" w{i}" for i in range(50))
 

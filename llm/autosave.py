@@ -1,0 +1,109 @@
+"""Saves the reply of every generation streaming in this process, all in one write per interval.
+
+One transaction every SAVE_INTERVAL seconds for the whole process, instead of one per stream:
+a hundred streams cost the database (and the one thread async code reaches it through) what
+one does. Each save also marks the sessions alive (`updated_at`), which is how a dead
+process's sessions are told from live ones. A crash loses at most SAVE_INTERVAL seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from dataclasses import dataclass
+from typing import Protocol
+
+from channels.db import database_sync_to_async
+from django.db import transaction
+from django.utils import timezone
+
+from .models import Message, Session
+
+logger = logging.getLogger("llm.autosave")
+
+SAVE_INTERVAL = 2.0
+
+
+class Reply(Protocol):
+    session_id: str | None
+    length: int
+
+    @property
+    def text(self) -> str: ...
+
+
+@dataclass
+class _Entry:
+    reply: Reply
+    position: int
+    saved: int = 0  # the length of the text last written (0: no row yet)
+
+
+class Autosave:
+    """The saver of one event loop: `track()` a reply while it streams, `untrack()` before its end
+    is stored (a save already queued then still runs first: one database thread keeps order)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._saving = False
+
+    def track(self, reply: Reply, position: int) -> None:
+        assert reply.session_id is not None
+        self._entries[reply.session_id] = _Entry(reply, position)
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run())
+
+    def untrack(self, session_id: str | None) -> None:
+        if session_id is not None:
+            self._entries.pop(session_id, None)
+        if not self._entries and self._task is not None and not self._saving:
+            self._task.cancel()  # idle: nothing left to save (a save under way finishes first)
+
+    async def _run(self) -> None:
+        while self._entries:
+            await asyncio.sleep(SAVE_INTERVAL)
+            self._saving = True
+            try:
+                await self.save()
+            except Exception:
+                logger.exception("saving %d streaming replies failed", len(self._entries))
+            finally:
+                self._saving = False
+
+    async def save(self) -> None:
+        """Write what changed since the last save, and mark every tracked session alive."""
+        changed = [(sid, e.position, e.reply.text, e.saved > 0) for sid, e in self._entries.items()
+                   if e.reply.length != e.saved]
+        alive = list(self._entries)
+        if not alive:
+            return
+        await _write(changed, alive)
+        for sid, _, text, _ in changed:
+            if sid in self._entries:
+                self._entries[sid].saved = len(text)
+
+
+@database_sync_to_async
+def _write(changed: list[tuple[str, int, str, bool]], alive: list[str]) -> None:
+    with transaction.atomic():
+        new = [Message(session_id=sid, position=pos, role=Message.Role.ASSISTANT, content=text)
+               for sid, pos, text, exists in changed if not exists]
+        Message.objects.bulk_create(new, ignore_conflicts=True)
+        for sid, pos, text, exists in changed:
+            if exists:
+                Message.objects.filter(session_id=sid, position=pos).update(content=text)
+        Session.objects.filter(pk__in=alive, status=Session.Status.STREAMING).update(updated_at=timezone.now())
+
+
+_savers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Autosave] = weakref.WeakKeyDictionary()
+
+
+def autosave() -> Autosave:
+    """The running event loop's saver."""
+    loop = asyncio.get_running_loop()
+    saver = _savers.get(loop)
+    if saver is None:
+        saver = _savers[loop] = Autosave()
+    return saver

@@ -134,9 +134,9 @@ def _apply(writer: asyncio.StreamWriter, options: Any) -> None:
             sock.setsockopt(*option)
 
 
-def asyncio_transport(limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+def asyncio_transport(limits: httpx.Limits, *, verify: ssl.SSLContext | bool = True) -> httpx.AsyncHTTPTransport:
     """httpx's transport (TLS verification, HTTP/1.1, pooling by `limits`) on `AsyncioBackend`."""
-    transport = httpx.AsyncHTTPTransport(limits=limits)
+    transport = httpx.AsyncHTTPTransport(limits=limits, verify=verify)
     transport._pool = httpcore.AsyncConnectionPool(  # the one attribute httpx builds it into
         ssl_context=transport._pool._ssl_context,
         max_connections=limits.max_connections,

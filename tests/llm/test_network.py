@@ -1,0 +1,143 @@
+"""The asyncio network backend under httpx: the same requests, pooling, timeouts and TLS checks."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from llm.local_model import free_port
+from llm.providers.network import asyncio_transport
+
+LIMITS = httpx.Limits(max_connections=5, max_keepalive_connections=5)
+
+
+class Server:
+    """A tiny HTTP/1.1 server: answers `GET /` with "hello", counts connections, can close idle ones."""
+
+    def __init__(self, *, answer: bool = True, keep_alive: bool = True) -> None:
+        self.answer, self.keep_alive = answer, keep_alive
+        self.connections = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while await reader.readuntil(b"\r\n\r\n"):
+                if not self.answer:
+                    await asyncio.sleep(3600)
+                headers = "content-length: 5\r\n" + ("" if self.keep_alive else "connection: close\r\n")
+                writer.write(f"HTTP/1.1 200 OK\r\n{headers}\r\n".encode() + b"hello")
+                await writer.drain()
+                if not self.keep_alive:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.fixture
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Server, str]]:
+    app = Server(**getattr(request, "param", {}))
+    listener = await asyncio.start_server(app.handle, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    yield app, f"http://127.0.0.1:{port}/"
+    for writer in app.writers:
+        writer.close()
+    listener.close()
+
+
+async def test_a_request_and_keep_alive_reuse(server: tuple[Server, str]) -> None:
+    app, url = server
+    async with httpx.AsyncClient(transport=asyncio_transport(LIMITS)) as client:
+        for _ in range(3):
+            response = await client.get(url)
+            assert response.status_code == 200 and response.text == "hello"
+    assert app.connections == 1  # one pooled connection served all three
+
+
+async def test_a_connection_the_server_closed_while_idle_is_replaced(server: tuple[Server, str]) -> None:
+    app, url = server
+    async with httpx.AsyncClient(transport=asyncio_transport(LIMITS)) as client:
+        assert (await client.get(url)).text == "hello"
+        for writer in app.writers:
+            writer.close()  # the server drops the idle keep-alive connection
+        await asyncio.sleep(0.05)
+        assert (await client.get(url)).text == "hello"
+    assert app.connections == 2
+
+
+@pytest.mark.parametrize("server", [{"answer": False}], indirect=True)
+async def test_a_silent_server_is_a_read_timeout(server: tuple[Server, str]) -> None:
+    _, url = server
+    async with httpx.AsyncClient(transport=asyncio_transport(LIMITS), timeout=httpx.Timeout(5, read=0.2)) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await client.get(url)
+
+
+async def test_a_refused_connection_is_a_connect_error() -> None:
+    async with httpx.AsyncClient(transport=asyncio_transport(LIMITS)) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get(f"http://127.0.0.1:{free_port()}/")
+
+
+async def test_streaming_reads_arrive_as_they_are_sent() -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for part in (b"one", b"two", b"three"):
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/"
+    async with httpx.AsyncClient(transport=asyncio_transport(LIMITS)) as client:
+        async with client.stream("GET", url) as response:
+            parts = [part async for part in response.aiter_bytes()]
+    listener.close()
+    assert parts == [b"one", b"two", b"three"]
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+async def test_tls_is_verified(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    app = Server()
+    listener = await asyncio.start_server(app.handle, "127.0.0.1", 0, ssl=server_context)
+    url = f"https://localhost:{listener.sockets[0].getsockname()[1]}/"
+    try:
+        async with httpx.AsyncClient(transport=asyncio_transport(LIMITS)) as client:
+            with pytest.raises(httpx.ConnectError):  # a self-signed certificate is refused
+                await client.get(url)
+        trusting = ssl.create_default_context(cafile=str(cert))
+        async with httpx.AsyncClient(transport=asyncio_transport(LIMITS, verify=trusting)) as client:
+            response = await client.get(url)
+            assert response.text == "hello"
+            assert response.extensions["network_stream"].get_extra_info("ssl_object") is not None
+    finally:
+        for writer in app.writers:
+            writer.close()
+        listener.close()

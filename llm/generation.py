@@ -41,7 +41,7 @@ logger = logging.getLogger("llm.generation")
 FALLBACK_ERRORS = (UpstreamUnavailable, UpstreamTimeout, ProviderDisabled)
 
 # Tokens are merged into one frame for at most this long, or until this many characters.
-COALESCE_DELAY = float(__import__("os").environ.get("EXP_DELAY", "0.01"))
+COALESCE_DELAY = 0.01
 COALESCE_CHARS = 2048
 
 

@@ -107,8 +107,11 @@ def check_numbers(**kwargs: Any) -> list[CheckMessage]:
                 error = _number_error(ENV_NAMES[option], value, *NUMBER_RULES[option])
                 if error is not None and error not in errors:
                     errors.append(error)
-    error = _number_error("LLM_MAX_REQUEST_BYTES", settings.LLM_MAX_REQUEST_BYTES, True, 0, False)
-    return errors + ([error] if error else [])
+    for name, minimum, inclusive in (("LLM_MAX_REQUEST_BYTES", 0, False), ("LLM_MAX_SEND_BUFFER_BYTES", 0, True)):
+        error = _number_error(name, getattr(settings, name), True, minimum, inclusive)
+        if error is not None:
+            errors.append(error)
+    return errors
 
 
 def _number_error(name: str, value: Any, integer: bool, minimum: float, inclusive: bool) -> Error | None:

@@ -26,6 +26,10 @@ from llm.routing import websocket_urlpatterns  # noqa: E402
 from llm.security import HostsAndCorsOriginValidator  # noqa: E402
 from llm.sessions import recover_interrupted  # noqa: E402
 
+from . import websocket_server  # noqa: E402
+
+websocket_server.install()
+
 _problems = format_errors(run_llm_checks())
 if _problems:
     print(f"Negotiator cannot start: fix these settings first.\n{_problems}", file=sys.stderr)

@@ -141,6 +141,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = (
     LLM_MAX_REQUEST_BYTES if isinstance(LLM_MAX_REQUEST_BYTES, int) else 1024 * 1024
 )
 
+# Unsent bytes a WebSocket client may leave waiting before it is cut (close code 4008).
+LLM_MAX_SEND_BUFFER_BYTES = _number("LLM_MAX_SEND_BUFFER_BYTES", 1024 * 1024, int)
+
 API_TOKEN = env.str("API_TOKEN", default="")
 # Generations per client (the API token's holder, else the IP address): "60/m", "5/s", or "off".
 LLM_RATE_LIMIT = env.str("LLM_RATE_LIMIT", default="60/m")

@@ -1,0 +1,137 @@
+"""A WebSocket client that stops reading is cut (close code 4008) and slows nobody else."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+
+from tests import servers
+
+LIMIT = 64 * 1024
+FAST = "bench:tokens=400000"  # megabytes of text, as fast as the fake upstream can send
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int, Path]]:
+    logs = tmp_path_factory.mktemp("slow-client")
+    with servers.fake_upstream(logs, "--tokens", "10") as upstream:
+        env = servers.project_env(logs, LM_STUDIO_BASE_URL=upstream, LLM_MAX_TOKENS="1000000",
+                                  LLM_MAX_SEND_BUFFER_BYTES=str(LIMIT))
+        with servers.daphne_process(env, logs) as (base, pid):
+            yield base, pid, logs / f"daphne-{base.rsplit(':', 1)[1]}.log"
+
+
+def rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+
+def open_raw_socket(base: str) -> socket.socket:
+    """A WebSocket handshake by hand on a socket with a tiny receive buffer, which then never reads."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /ws/llm/stream/ HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert b" 101 " in head.split(b"\r\n")[0], head
+    payload = json.dumps({"type": "generate", "model": FAST, "messages": [{"role": "user", "content": "Hi"}]}).encode()
+    mask = os.urandom(4)
+    size = len(payload)
+    header = bytes([0x81]) + (bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + struct.pack("!H", size))
+    sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+    return sock
+
+
+def close_code(data: bytes) -> int | None:
+    """The code of the close frame among the server's (unmasked) frames, if one arrived."""
+    at = 0
+    while at + 2 <= len(data):
+        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
+        at += 2
+        if length == 126:
+            length, at = struct.unpack("!H", data[at:at + 2])[0], at + 2
+        elif length == 127:
+            length, at = struct.unpack("!Q", data[at:at + 8])[0], at + 8
+        if opcode == 0x8 and at + 2 <= len(data):
+            return struct.unpack("!H", data[at:at + 2])[0]
+        at += length
+    return None
+
+
+async def normal_stream(base: str) -> tuple[float, str]:
+    async with websockets.connect(base.replace("http://", "ws://") + "/ws/llm/stream/", max_size=None) as ws:
+        started = time.perf_counter()
+        await ws.send(json.dumps({"type": "generate", "model": "bench:tokens=2000",
+                                  "messages": [{"role": "user", "content": "Hi"}]}))
+        while True:
+            frame = json.loads(await ws.recv())
+            if frame["type"] in ("done", "error"):
+                return time.perf_counter() - started, frame["type"]
+
+
+@pytest.mark.timeout(90)
+async def test_a_client_that_stops_reading_is_cut_and_slows_no_one(site: tuple[str, int, Path]) -> None:
+    base, pid, log = site
+    alone, end = await normal_stream(base)
+    assert end == "done"
+    before = rss_kib(pid)
+
+    slow = open_raw_socket(base)
+    # Other clients are served as fast as before while the slow one is being filled and cut.
+    durations = [await normal_stream(base) for _ in range(3)]
+    assert all(end == "done" for _, end in durations)
+    assert min(duration for duration, _ in durations) < alone * 3 + 0.5, (durations, alone)
+
+    deadline = time.monotonic() + 20
+    while "reads too slowly" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert "reads too slowly" in log.read_text(errors="replace"), "the slow client was never cut"
+
+    # Reading now: what was queued for it, then the close frame (4008), unless the server already
+    # dropped the connection after its close handshake timed out (a reset).
+    slow.setblocking(False)
+    received, reset = b"", False
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+        try:
+            chunk = slow.recv(1 << 20)
+        except BlockingIOError:
+            continue
+        except ConnectionResetError:
+            reset = True
+            break
+        if not chunk:
+            break
+        received += chunk
+    slow.close()
+    assert close_code(received) == 4008 or reset
+    # What reached it is bounded by the limit plus the kernel's buffers: far from the whole reply.
+    assert len(received) < 400000 * 8 / 4
+    grew_kib = rss_kib(pid) - before
+    assert grew_kib < 50 * 1024, grew_kib
+
+    async with httpx.AsyncClient(base_url=base) as http:
+        for _ in range(50):
+            sessions = (await http.get("/api/v1/sessions", params={"status": "cancelled"})).json()["items"]
+            if sessions:
+                break
+            await asyncio.sleep(0.1)
+    assert sessions, "the slow client's generation was not stored as cancelled"

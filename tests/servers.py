@@ -61,9 +61,10 @@ def process(command: list[str], env: dict[str, str], log: Path, ready_url: str) 
 
 
 @contextmanager
-def daphne_process(env: dict[str, str], log_dir: Path) -> Iterator[tuple[str, int]]:
+def daphne_process(env: dict[str, str], log_dir: Path, *, migrate: bool = True) -> Iterator[tuple[str, int]]:
     """The project under daphne on a random port, on its migrated database: (base URL, pid)."""
-    manage(env, "migrate", "--noinput", "-v0")
+    if migrate:
+        manage(env, "migrate", "--noinput", "-v0")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "negotiator.asgi:application"]
@@ -72,15 +73,15 @@ def daphne_process(env: dict[str, str], log_dir: Path) -> Iterator[tuple[str, in
 
 
 @contextmanager
-def daphne(env: dict[str, str], log_dir: Path) -> Iterator[str]:
-    with daphne_process(env, log_dir) as (base, _pid):
+def daphne(env: dict[str, str], log_dir: Path, *, migrate: bool = True) -> Iterator[str]:
+    with daphne_process(env, log_dir, migrate=migrate) as (base, _pid):
         yield base
 
 
 @contextmanager
-def fake_upstream(log_dir: Path, *args: str) -> Iterator[str]:
+def fake_upstream(log_dir: Path, *args: str, port: int | None = None) -> Iterator[str]:
     """`tests/fake_upstream.py` in its own process: its base URL (`.../v1`)."""
-    port = free_port()
+    port = port or free_port()
     command = [sys.executable, "-m", "tests.fake_upstream", "--port", str(port), *args]
     base = f"http://127.0.0.1:{port}/v1"
     with process(command, dict(os.environ), log_dir / f"upstream-{port}.log", base + "/models"):

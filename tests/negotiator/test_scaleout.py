@@ -8,17 +8,15 @@ fail loudly when they do not answer. Each run creates and drops its own database
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -29,8 +27,8 @@ import redis
 import websockets
 
 from llm.local_model import free_port
+from tests import servers
 
-ROOT = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("SCALEOUT_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SCALEOUT_REDIS_URL", "redis://127.0.0.1:6379/0")
 POOL_SIZE = 3
@@ -50,19 +48,6 @@ class Cluster:
 def _with_db(url: str, name: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-def _wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            break
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    pytest.fail(f"{url} did not start:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -90,38 +75,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         "API_TOKEN": "",
         "DJANGO_SUPERUSER_PASSWORD": password,
     }
-    processes: list[subprocess.Popen[bytes]] = []
     try:
-        subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v0"], cwd=ROOT, env=env, check=True)
-        subprocess.run(
-            [sys.executable, "manage.py", "createsuperuser", "--noinput", "--username", "staff",
-             "--email", "staff@example.com"], cwd=ROOT, env=env, check=True, capture_output=True,
-        )
-        upstream_log = logs / "upstream.log"
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "tests.fake_upstream", "--port", str(upstream_port), "--tokens", str(TOKENS),
-             "--delay", str(DELAY), "--timestamps"],
-            cwd=ROOT, env=env, stdout=upstream_log.open("wb"), stderr=subprocess.STDOUT,
-        ))
-        _wait_http(f"http://127.0.0.1:{upstream_port}/v1/models", processes[-1], upstream_log)
-        workers = []
-        for index in range(2):
-            port, log = free_port(), logs / f"worker{index}.log"
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "negotiator.asgi:application"],
-                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=log.open("wb"),
+        with contextlib.ExitStack() as running:
+            servers.manage(env, "migrate", "--noinput", "-v0")
+            servers.manage(env, "createsuperuser", "--noinput", "--username", "staff", "--email", "staff@example.com")
+            running.enter_context(servers.fake_upstream(
+                logs, "--tokens", str(TOKENS), "--delay", str(DELAY), "--timestamps", port=upstream_port
             ))
-            workers.append(f"http://127.0.0.1:{port}")
-            _wait_http(workers[-1] + "/", processes[-1], log)
-        yield Cluster(workers, env["DATABASE_URL"], name, password)
+            workers = [running.enter_context(servers.daphne(env, logs, migrate=False)) for _ in range(2)]
+            yield Cluster(workers, env["DATABASE_URL"], name, password)
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
 

@@ -39,7 +39,7 @@ CHECKS = [
     response_schema_conformance,
     response_headers_conformance,
 ]
-EXAMPLES = 30  # per operation and phase; derandomized, so every run sends the same requests
+EXAMPLES = 50  # per operation and phase; derandomized, so every run sends the same requests
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,12 @@ def fuzz_upstream(upstream_url: str, llm_config: Callable[..., dict[str, Any]]) 
 )
 @pytest.mark.django_db(transaction=True)
 def test_every_operation_answers_as_documented(case: schemathesis.Case, fuzz_upstream: str) -> None:
-    r = case.call_and_validate(checks=CHECKS)
+    try:
+        r = case.call_and_validate()
+    except BaseException as e:
+        import json as _j
+        print("FAILBODY", case.operation.label, case.path_parameters, case.query, _j.dumps(case.body, default=repr)[:600] if not isinstance(case.body, bytes) else case.body[:100], case.meta.phase.name.value if case.meta else None)
+        raise
     import collections, json as _j
     STATS[(case.operation.label, case.meta.phase.name.value if case.meta else None, r.status_code, r.headers.get("content-type", [""])[0][:20])] += 1
     if "generate" in case.operation.label and (r.status_code in (400,) or (isinstance(case.body, dict) and case.body.get("stream"))):

@@ -28,6 +28,49 @@ SSE_EXAMPLE = (
 )
 
 
+_USAGE = {
+    "type": "object",
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens", "estimated"],
+    "properties": {
+        "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
+        "total_tokens": {"type": "integer"}, "estimated": {"type": "boolean"},
+    },
+}
+
+
+def _frame(kind: str, required: list[str], **properties: dict) -> dict:
+    return {
+        "type": "object",
+        "required": ["type", *required],
+        "properties": {"type": {"const": kind}, **properties},
+    }
+
+
+# One SSE event of `stream: true`: its `data` is one JSON frame, exactly as on the WebSocket.
+SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "oneOf": [
+                    _frame("start", ["session_id", "provider", "model"], session_id={"type": "string"},
+                           provider={"type": "string"}, model={"type": "string"},
+                           tried={"type": "array", "items": {"type": "object"}}),
+                    _frame("token", ["text"], text={"type": "string"}),
+                    _frame("done", ["session_id", "finish_reason", "usage"], session_id={"type": "string"},
+                           finish_reason={"enum": ["stop", "length", "cancelled"]}, usage=_USAGE),
+                    _frame("error", ["code", "message"], session_id={"type": "string"},
+                           code={"type": "string"}, message={"type": "string"}),
+                ]
+            },
+        }
+    },
+}
+
+
 @router.post(
     "/generate",
     response={200: GenerateOut, ERROR_STATUSES: ErrorOut},
@@ -40,16 +83,7 @@ SSE_EXAMPLE = (
         "then one `done` or `error`."
     ),
     openapi_extra={
-        "responses": {
-            200: {
-                "content": {
-                    "text/event-stream": {
-                        "schema": {"type": "string", "description": "SSE frames (stream: true)"},
-                        "example": SSE_EXAMPLE,
-                    }
-                }
-            }
-        }
+        "responses": {200: {"content": {"text/event-stream": {"schema": SSE_EVENT, "example": SSE_EXAMPLE}}}}
     },
 )
 async def generate(request: HttpRequest, payload: GenerateIn) -> GenerateOut | StreamingHttpResponse:

@@ -33,9 +33,23 @@ class IdleTimer:
         return self.expired and self._task is not None and self._task.uncancel() == 0
 
     def _fire(self) -> None:
-        now, due = self._loop.time(), self._last + self.timeout
-        if self.reading and now >= due and self._task is not None:
+        if self._idle():
+            # Not yet: data the loop has just received wakes the reader in the next iteration;
+            # look again after it, so a busy loop never mistakes a late read for a silent upstream.
+            self._handle = self._loop.call_soon(self._expire)
+        else:
+            self._rearm()
+
+    def _expire(self) -> None:
+        if self._idle() and self._task is not None:
             self.expired = True
             self._task.cancel()
-            return
+        else:
+            self._rearm()
+
+    def _idle(self) -> bool:
+        return self.reading and self._loop.time() >= self._last + self.timeout
+
+    def _rearm(self) -> None:
+        now, due = self._loop.time(), self._last + self.timeout
         self._handle = self._loop.call_at(due if due > now else now + self.timeout, self._fire)

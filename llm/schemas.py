@@ -5,17 +5,29 @@ from __future__ import annotations
 from typing import Any, Literal
 from uuid import UUID
 
+from typing import Annotated
+
 from ninja import Schema
-from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import AfterValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from .types import ChatRequest
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\u0000) characters")
+    return value
+
+
+# Text that can be stored: PostgreSQL refuses NUL characters in text columns.
+Text = Annotated[StrictStr, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})]
 
 
 class ChatMessageIn(Schema):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: StrictStr
+    content: Text
 
 
 class GenerationParams(Schema):
@@ -24,21 +36,14 @@ class GenerationParams(Schema):
     model_config = ConfigDict(extra="forbid")
 
     messages: list[ChatMessageIn] = Field(min_length=1, description="The conversation (or, with session_id, the new turn).")
-    model: StrictStr | None = Field(
-        default=None, min_length=1, description="Empty: the provider's default model."
-    )
+    model: Text | None = Field(default=None, min_length=1, description="Empty: the provider's default model.")
     max_tokens: StrictInt | None = Field(
         default=None, ge=1, le=1_000_000, description="Empty: LLM_MAX_TOKENS."
     )
-    temperature: StrictFloat | StrictInt | None = Field(default=None, ge=0, le=2)
+    temperature: float | None = Field(default=None, ge=0, le=2, strict=True)
     session_id: UUID | None = Field(
         default=None, description="Continue this stored session: its history is sent first."
     )
-
-    @field_validator("temperature")
-    @classmethod
-    def _float(cls, value: float | int | None) -> float | None:
-        return None if value is None else float(value)
 
     @property
     def session_key(self) -> str | None:

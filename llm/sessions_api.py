@@ -13,7 +13,7 @@ from ninja.pagination import PageNumberPagination, paginate
 from .auth import api_token
 from .exceptions import SessionNotFound
 from .models import Message, Session
-from .schemas import ErrorDetail, ErrorOut, UsageOut
+from .schemas import ErrorDetail, ErrorOut, Text, UsageOut
 
 router = Router(tags=["sessions"], auth=api_token)
 
@@ -75,8 +75,16 @@ class SessionDetailOut(SessionOut):
 
 class SessionFilters(FilterSchema):
     status: Literal["streaming", "completed", "cancelled", "failed", "interrupted"] | None = None
-    provider: str | None = None
-    model: str | None = None
+    provider: Text | None = None
+    model: Text | None = None
+
+
+class SessionPages(PageNumberPagination):
+    """Pages of at most 100; page numbers bounded so the database offset cannot overflow."""
+
+    class Input(Schema):
+        page: int = Field(1, ge=1, le=1_000_000)
+        page_size: int | None = Field(None, ge=1, le=100)
 
 
 @router.get(
@@ -85,7 +93,7 @@ class SessionFilters(FilterSchema):
     summary="List stored sessions",
     description="Newest first; filter by status, provider and model; `page` and `page_size` paginate.",
 )
-@paginate(PageNumberPagination, page_size=50)
+@paginate(SessionPages, page_size=50, max_page_size=100)
 async def list_sessions(request: HttpRequest, filters: Query[SessionFilters]) -> QuerySet[Session]:
     return filters.filter(Session.objects.all())
 

@@ -92,8 +92,9 @@ def parse_chunk(data: str | bytes, *, provider: str | None = None) -> StreamChun
 
 
 def _shown(data: str | bytes) -> str:
+    # Whole: the provider cuts messages short only after taking its key out of them.
     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
-    return repr(text[:200])
+    return repr(text)
 
 
 def raise_for_error(payload: dict[str, Any], *, provider: str | None = None) -> None:
@@ -131,7 +132,7 @@ def _error_text(error: Any) -> str:
         message = error.get("message") or "no message"
         code = error.get("code")
         return f"Upstream reported an error ({code}): {message}" if code else f"Upstream reported an error: {message}"
-    return f"Upstream reported an error: {str(error)[:200]}"
+    return f"Upstream reported an error: {error}"
 
 
 def estimate_tokens(text: str) -> int:
@@ -186,7 +187,8 @@ async def coalesce_chunks(
             wake.set()
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:
-                await aclose()
+                # Shielded: a second cancellation must not cut the close of the upstream short.
+                await asyncio.shield(aclose())
 
     reader = asyncio.create_task(pump())
     last_out = -max_delay
@@ -218,8 +220,9 @@ async def coalesce_chunks(
 
 
 async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
-    """Cancel `task` and wait for it to end, without swallowing a cancellation of our own."""
-    task.cancel()
+    """Cancel `task` (once) and wait for it to end, without swallowing a cancellation of our own."""
+    if not task.cancelling():
+        task.cancel()
     try:
         await task
     except asyncio.CancelledError:

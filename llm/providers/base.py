@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 import weakref
 from collections.abc import AsyncIterator
@@ -32,12 +33,15 @@ from ..streaming import (
 )
 from ..types import ChatRequest, Completion, PingResult, StreamChunk, Usage
 from .errors import status_error, transport_error
-from .network import asyncio_transport
+from .network import asyncio_transport, closing_stream
 
 logger = logging.getLogger("llm.upstream")
 
 # The first listed model is looked up again after this long (LM Studio may load another).
 MODEL_LIST_TTL = 60.0
+# Error messages are cut to this length, after secrets are taken out of them.
+MESSAGE_MAX = 500
+SECRET_SHAPES = re.compile(r"(?i)\bbearer\s+\S+|\bsk-[a-z0-9][a-z0-9_-]{7,}")
 
 
 class OpenAICompatibleProvider:
@@ -275,7 +279,7 @@ class OpenAICompatibleProvider:
         usage = None
         tokens = 0
         try:
-            async with self.client.stream("POST", "chat/completions", json=payload) as response:
+            async with closing_stream(self.client, "POST", "chat/completions", json=payload) as response:
                 status = response.status_code
                 if response.status_code >= 400:
                     await response.aread()
@@ -316,8 +320,13 @@ class OpenAICompatibleProvider:
                         finally:
                             idle.reading = False
                         pieces = []
+                        failure = None
                         for event in events.flush() if data is None else events.feed(data):
-                            chunk = parse_chunk(event, provider=self.alias)
+                            try:
+                                chunk = parse_chunk(event, provider=self.alias)
+                            except BadGateway as exc:  # the tokens before it in this read go first
+                                failure = exc
+                                break
                             if chunk is None:
                                 ended = True
                                 break
@@ -332,6 +341,8 @@ class OpenAICompatibleProvider:
                                 text="".join(pieces), model=reported_model or model, pieces=pieces
                             )
                             idle.touch()  # time the caller spent with the tokens is not idleness
+                        if failure is not None:
+                            raise failure
                 finally:
                     idle.stop()
                     await reads.aclose()
@@ -389,13 +400,20 @@ class OpenAICompatibleProvider:
         return body
 
     def redact(self, text: str) -> str:
-        return text.replace(self._api_key, "[redacted]") if self._api_key else text
+        """`text` without our key, nor anything shaped like a key or a bearer credential (an
+        upstream may echo the key back whole, cut, or in an Authorization header)."""
+        if self._api_key:
+            text = text.replace(self._api_key, "[redacted]")
+        return SECRET_SHAPES.sub("[redacted]", text)
 
     def _redacted(self, exc: LLMError) -> LLMError:
-        """The same error with our key cut out of its message (upstreams may echo it back)."""
-        if self._api_key and self._api_key in exc.message:
-            exc.message = self.redact(exc.message)
-            exc.args = (exc.message,)
+        """The same error with secrets taken out of its message, then cut to a readable length."""
+        message = self.redact(exc.message)
+        if len(message) > MESSAGE_MAX:
+            message = message[:MESSAGE_MAX] + "…"
+        if message != exc.message:
+            exc.message = message
+            exc.args = (message,)
         return exc
 
     def _log(

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def status_error(provider: OpenAICompatibleProvider, response: httpx.Response) -> LLMError:
     """408 and timeouts are LLM_TIMEOUT, 429 and 5xx LLM_UNAVAILABLE (retried), other 4xx LLM_BAD_REQUEST."""
     status = response.status_code
-    detail = provider.redact(error_detail(response))
+    detail = provider.redact(error_detail(response))[:300]
     message = f"{provider.alias} answered HTTP {status}" + (f": {detail}" if detail else "")
     if status == 408:
         return UpstreamTimeout(message, provider=provider.alias)
@@ -51,7 +51,7 @@ def transport_error(provider: OpenAICompatibleProvider, exc: httpx.HTTPError, *,
 
 
 def error_detail(response: httpx.Response) -> str:
-    """The upstream's own error message, on one line and short."""
+    """The upstream's own error message, on one line (cut short by the caller, after redaction)."""
     try:
         body = orjson.loads(response.content)
         error = body.get("error") if isinstance(body, dict) else None
@@ -59,4 +59,4 @@ def error_detail(response: httpx.Response) -> str:
         detail = str(detail) if detail else response.text
     except (orjson.JSONDecodeError, AttributeError):
         detail = response.text
-    return " ".join(detail.split())[:300]
+    return " ".join(detail.split())

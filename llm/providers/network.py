@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpcore
@@ -48,11 +49,9 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             raise httpcore.WriteError(str(exc)) from exc
 
     async def aclose(self) -> None:
+        # No await: httpcore closes inside a cancellation shield that does not stop a plain
+        # asyncio cancel, and a cancel landing in a wait here would strand its pool request.
         self._writer.close()
-        try:
-            await self._writer.wait_closed()
-        except OSError:
-            pass
 
     async def start_tls(
         self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
@@ -127,10 +126,46 @@ async def _connected(
     return AsyncioStream(reader, writer)
 
 
+@asynccontextmanager
+async def closing_stream(client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+    """`client.stream(...)`, but the response's close cannot be cut short by a cancellation.
+
+    httpcore shields its clean-up only from anyio cancel scopes; a plain `task.cancel()` landing
+    while it closes a response (it awaits a lock) leaves that request in the pool for good, its
+    connection counted against LLM_MAX_CONNECTIONS. The close runs to its end in its own task.
+    """
+    response = await client.send(client.build_request(method, url, **kwargs), stream=True)
+    try:
+        yield response
+    finally:
+        await asyncio.shield(response.aclose())
+
+
+class ReclaimingConnectionPool(httpcore.AsyncConnectionPool):
+    """httpcore's pool, also closing connections that no request owns and that are not idle.
+
+    A request cancelled between being given a new connection and using it leaves that
+    connection in the pool for good, holding a slot (encode/httpcore#1093, unfixed in 1.0.9):
+    a relay whose clients leave early would run out of LLM_MAX_CONNECTIONS. Such a connection
+    is neither idle nor closed, and no request points at it; it is closed the next time the
+    pool looks at its connections (any request arriving or leaving).
+    """
+
+    def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
+        owned = {id(request.connection) for request in self._requests if request.connection is not None}
+        orphans = [
+            connection for connection in self._connections
+            if id(connection) not in owned and not connection.is_idle() and not connection.is_closed()
+        ]
+        for connection in orphans:
+            self._connections.remove(connection)
+        return orphans + super()._assign_requests_to_connections()
+
+
 def asyncio_transport(limits: httpx.Limits, *, verify: ssl.SSLContext | bool = True) -> httpx.AsyncHTTPTransport:
     """httpx's transport (TLS verification, HTTP/1.1, pooling by `limits`) on `AsyncioBackend`."""
     transport = httpx.AsyncHTTPTransport(limits=limits, verify=verify)
-    transport._pool = httpcore.AsyncConnectionPool(  # the one attribute httpx builds it into
+    transport._pool = ReclaimingConnectionPool(  # the one attribute httpx builds it into
         ssl_context=transport._pool._ssl_context,
         max_connections=limits.max_connections,
         max_keepalive_connections=limits.max_keepalive_connections,

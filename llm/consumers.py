@@ -84,7 +84,8 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
         except ClientError as exc:
             await self._send_error(exc)
         except Exception:  # a bug or an outage must not drop the socket
-            logger.exception("frame %r failed", content.get("type") if isinstance(content, dict) else None)
+            kind = content.get("type") if isinstance(content, dict) else None
+            logger.exception("a %s frame failed", kind[:50] if isinstance(kind, str) else type(kind).__name__)
             await self._send_error(InternalError("The server failed on this frame; the error is logged"))
 
     async def disconnect(self, code: int) -> None:
@@ -114,9 +115,11 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
         kind = content.get("type")
         if kind is None:
             raise InvalidRequest("type: field required (generate, cancel or watch)")
-        schema = FRAMES.get(kind) if isinstance(kind, str) else None
+        if not isinstance(kind, str):  # never str() a client's value: it may nest a thousand deep
+            raise UnknownType(f"type must be a string, not {type(kind).__name__}: use generate, cancel or watch")
+        schema = FRAMES.get(kind)
         if schema is None:
-            raise UnknownType(f"Unknown frame type {str(kind)[:50]!r}: use generate, cancel or watch")
+            raise UnknownType(f"Unknown frame type {kind[:50]!r}: use generate, cancel or watch")
         try:
             return schema.model_validate(content)
         except ValidationError as exc:

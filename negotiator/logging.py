@@ -30,7 +30,10 @@ class RedactSecrets(logging.Filter):
         values = secrets()
         if not values:
             return True
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: the handler reports it, as it would without us
+            return True
         cleaned = redact(message, values)
         if cleaned != message:
             record.msg, record.args = cleaned, ()

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 import weakref
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from channels.db import database_sync_to_async
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from .models import Message, Session
@@ -87,14 +88,27 @@ class Autosave:
 
 @database_sync_to_async
 def _write(changed: list[tuple[str, int, str, bool]], alive: list[str]) -> None:
+    """One transaction; the updates go as one `executemany`, which keeps the ORM's per-query
+    Python work (held under the GIL, away from the event loop's thread) out of a hundred rows."""
     with transaction.atomic():
         new = [Message(session_id=sid, position=pos, role=Message.Role.ASSISTANT, content=text)
                for sid, pos, text, exists in changed if not exists]
         Message.objects.bulk_create(new, ignore_conflicts=True)
-        for sid, pos, text, exists in changed:
-            if exists:
-                Message.objects.filter(session_id=sid, position=pos).update(content=text)
+        updates = [(text, _session_key(sid), pos) for sid, pos, text, exists in changed if exists]
+        if updates:
+            with connection.cursor() as cursor:
+                cursor.executemany(UPDATE_REPLY, updates)
         Session.objects.filter(pk__in=alive, status=Session.Status.STREAMING).update(updated_at=timezone.now())
+
+
+UPDATE_REPLY = (
+    f"UPDATE {Message._meta.db_table} SET content = %s WHERE session_id = %s AND position = %s"
+)
+
+
+def _session_key(session_id: str) -> Any:
+    """The session id as this database stores it (SQLite: 32 hex digits; PostgreSQL: uuid)."""
+    return Session._meta.pk.get_db_prep_value(uuid.UUID(session_id), connection)
 
 
 _savers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Autosave] = weakref.WeakKeyDictionary()

@@ -234,29 +234,35 @@ async def idle_connections(relay: str, relay_pid: int, count: int) -> list[Row]:
 
 
 async def smollm2(relay: str, upstream: str, tokens: int, repeats: int) -> list[Row]:
+    """Tokens/s while the reply streams (first to last token), at temperature 0 so both paths get
+    the same reply: the model's own time to first token and reply length cancel out."""
     relay_rates, direct_rates = [], []
-    prompt = "Write a long, detailed story about a lighthouse keeper."
+    messages = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper."}]
 
     async def run_direct(client: httpx.AsyncClient) -> float:
-        body = {"messages": [{"role": "user", "content": prompt}], "stream": True, "max_tokens": tokens}
-        count, started = 0, time.perf_counter()
+        body = {"messages": messages, "stream": True, "max_tokens": tokens, "temperature": 0}
+        times = []
         async with client.stream("POST", upstream + "/chat/completions", json=body) as response:
             async for line in response.aiter_lines():
                 if line.startswith("data: {"):
                     delta = (json.loads(line[6:])["choices"] or [{}])[0].get("delta") or {}
-                    count += bool(delta.get("content"))
-        return count / (time.perf_counter() - started)
+                    if delta.get("content"):
+                        times.append(time.perf_counter())
+        return (len(times) - 1) / (times[-1] - times[0])
 
     async def run_relay() -> float:
-        frame = {"type": "generate", "messages": [{"role": "user", "content": prompt}], "max_tokens": tokens}
+        frame = {"type": "generate", "messages": messages, "max_tokens": tokens, "temperature": 0}
         async with websockets.connect(relay.replace("http://", "ws://") + "/ws/llm/stream/") as ws:
-            started = time.perf_counter()
             await ws.send(json.dumps(frame))
+            first = 0.0
             while True:
                 message = json.loads(await ws.recv())
-                if message["type"] == "done":
-                    return message["usage"]["completion_tokens"] / (time.perf_counter() - started)
-                if message["type"] == "error":
+                if message["type"] == "token" and not first:
+                    first = time.perf_counter()
+                elif message["type"] == "done":
+                    streamed = message["usage"]["completion_tokens"] - 1
+                    return streamed / (time.perf_counter() - first)
+                elif message["type"] == "error":
                     raise RuntimeError(message)
 
     async with httpx.AsyncClient(timeout=120) as client:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Iterator
 
 import httpx
@@ -25,6 +26,8 @@ FLAGS = [
 ARTIFACTS = ROOT / "test-artifacts"
 TOKEN = "playground-test-token"
 STAFF_PASSWORD = "staff-password-for-tests"
+# Unique per run: on PostgreSQL the servers share the suite's database across runs.
+STAFF = f"staff-{uuid.uuid4().hex[:8]}"
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
@@ -62,7 +65,7 @@ def smollm2_site(smollm2_server: str, tmp_path_factory: pytest.TempPathFactory) 
     env = project_env(logs, LM_STUDIO_BASE_URL=smollm2_server, LLM_MAX_TOKENS="96",
                       DJANGO_SUPERUSER_PASSWORD=STAFF_PASSWORD)
     with servers.daphne(env, logs) as base:
-        manage(env, "createsuperuser", "--noinput", "--username", "staff", "--email", "staff@example.com")
+        manage(env, "createsuperuser", "--noinput", "--username", STAFF, "--email", "staff@example.com")
         yield base
 
 
@@ -172,7 +175,7 @@ def test_a_second_tab_watches_the_same_reply_live(browser: Browser, page: Page, 
 @pytest.mark.smollm2
 def test_staff_get_a_link_to_the_session_in_admin(page: Page, smollm2_site: str) -> None:
     page.goto(smollm2_site + "/admin/login/?next=/playground/")
-    page.fill("#id_username", "staff")
+    page.fill("#id_username", STAFF)
     page.fill("#id_password", STAFF_PASSWORD)
     page.click("input[type=submit]")
     page.wait_for_url("**/playground/")

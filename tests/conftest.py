@@ -30,6 +30,19 @@ def _open_api(settings: Any) -> None:
 
 
 @pytest.fixture
+async def close_clients(llm_config: Callable[..., dict[str, Any]]) -> Any:
+    """After the test: close the providers' pooled clients on its event loop (no unclosed sockets)
+    and the database connections async code opened in its thread. Depends on `llm_config` so it
+    runs before the settings are restored (which drops the providers)."""
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    yield
+    await providers.aclose()
+    await sync_to_async(connections.close_all)()
+
+
+@pytest.fixture
 def llm_config(settings: Any) -> Callable[..., dict[str, Any]]:
     """Point both providers at fake hosts with instant retries; call it again to change options.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -13,24 +13,12 @@ from django.db import OperationalError
 from django.test import AsyncClient
 
 from health import probes
-from llm.providers import providers
 from negotiator import __version__
 from tests.conftest import OPENROUTER, OPENROUTER_KEY, UPSTREAM
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("close_clients")]
 
 MODELS = {"object": "list", "data": [{"id": "test-model", "object": "model"}, {"id": "other-model"}]}
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients(llm_config: Callable[..., Any]) -> AsyncIterator[None]:
-    """Close the providers' pooled clients on the test's own event loop (no unclosed sockets).
-
-    Depends on `llm_config` so that it closes them before the settings are restored (which
-    drops the providers).
-    """
-    yield
-    await providers.aclose()
 
 
 def assert_error(error: Any, code: str) -> None:

@@ -16,7 +16,6 @@ import pytest
 from django.conf import settings as django_settings
 from django.test import AsyncClient
 
-from llm.providers import providers
 from tests.conftest import OPENROUTER, OPENROUTER_KEY, UPSTREAM
 
 COMPLETIONS = f"{UPSTREAM}/chat/completions"
@@ -25,25 +24,7 @@ HELLO = [{"role": "user", "content": "Hello"}]
 SSE_HEADERS = {"content-type": "text/event-stream"}
 
 # The pipeline may store what it generates: let it reach the database from its threads.
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-def _no_rate_limit(settings: Any) -> None:
-    """These tests send many requests from one client; the rate limit is not what they test."""
-    settings.LLM_RATE_LIMIT = "off"
-    settings.API_TOKEN = ""  # the open API (API_TOKEN has tests of its own)
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients(llm_config: Callable[..., Any]) -> AsyncIterator[None]:
-    """Close the providers' pooled clients on the test's own event loop (no unclosed sockets).
-
-    Depends on `llm_config` so that it closes them before the settings are restored (which
-    drops the providers).
-    """
-    yield
-    await providers.aclose()
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_clients")]
 
 
 # Fake upstream ------------------------------------------------------------------------------

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from llm.providers import providers
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.llm.ws_client import (
     HELLO_REPLY,
@@ -34,14 +33,7 @@ from tests.llm.ws_client import (
 )
 
 # The consumer stores sessions from worker threads: only transactional tests see those writes.
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients(llm_config: Callable[..., Any]) -> AsyncIterator[None]:
-    """Close the providers' pooled clients on the test's loop (before settings are restored)."""
-    yield
-    await providers.aclose()
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_clients")]
 
 
 # Frames -----------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -14,20 +13,13 @@ from channels.testing import WebsocketCommunicator
 from django.contrib.auth import get_user_model
 from django.test import Client
 
-from llm.providers import providers
 from llm.routing import websocket_urlpatterns
 from llm.security import HostsAndCorsOriginValidator
 from negotiator.asgi import application
 from tests.fake_upstream import FakeUpstream
 from tests.llm.ws_client import PATH, TIMEOUT, generate, generate_ok, open_socket, recv, try_connect
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients(llm_config: Callable[..., Any]) -> AsyncIterator[None]:
-    yield
-    await providers.aclose()
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_clients")]
 
 
 def origin(value: str) -> list[tuple[bytes, bytes]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,7 +14,6 @@ from channels.layers import get_channel_layer
 
 from llm.broadcast import control_group, frames_group
 from llm.models import Message, Session
-from llm.providers import providers
 from tests.fake_upstream import FakeUpstream, Reply
 from tests.llm.ws_client import (
     HELLO_REPLY,
@@ -29,13 +28,7 @@ from tests.llm.ws_client import (
     wait_for_status,
 )
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients(llm_config: Callable[..., Any]) -> AsyncIterator[None]:
-    yield
-    await providers.aclose()
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_clients")]
 
 
 async def _read_tokens(comm: Any, count: int) -> list[dict[str, Any]]:

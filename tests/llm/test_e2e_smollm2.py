@@ -9,14 +9,12 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 from django.core.management import call_command
 from django.test import AsyncClient
 
-from llm.providers import providers
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = [
@@ -24,24 +22,12 @@ PROMPT = [
     {"role": "user", "content": "Say hello."},
 ]
 
-pytestmark = [pytest.mark.smollm2, pytest.mark.django_db(transaction=True), pytest.mark.timeout(120)]
-
-
-@pytest.fixture(autouse=True)
-def _no_rate_limit(settings: Any) -> None:
-    settings.LLM_RATE_LIMIT = "off"
-    settings.API_TOKEN = ""  # the open API (API_TOKEN has tests of its own)
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients(llm_config: Callable[..., Any]) -> AsyncIterator[None]:
-    """Close the providers' pooled clients on the test's own event loop (no unclosed sockets).
-
-    Depends on `llm_config` so that it closes them before the settings are restored (which
-    drops the providers).
-    """
-    yield
-    await providers.aclose()
+pytestmark = [
+    pytest.mark.smollm2,
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(120),
+    pytest.mark.usefixtures("close_clients"),
+]
 
 
 async def generate(**body: Any) -> Any:

@@ -10,31 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
-from asgiref.sync import sync_to_async
 from asgiref.testing import ApplicationCommunicator
-from django.db import connections
 
 from llm.models import Message, Session
-from llm.providers import providers
 from tests.fake_upstream import Reply
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_clients")]
 
 TOKENS = [f" t{i}" for i in range(100)]
 FULL = "".join(TOKENS)
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients(llm_config: Callable[..., Any]) -> AsyncIterator[None]:
-    yield
-    await providers.aclose()
-    # The async ORM queries above ran in asgiref's thread: close its connection (PostgreSQL
-    # refuses to drop the test database while one is open).
-    await sync_to_async(connections.close_all)()
 
 
 def http_scope() -> dict[str, Any]:

@@ -11,14 +11,13 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
-from django.db import connections
 from django.utils import timezone
 
 import llm.consumers
@@ -29,7 +28,7 @@ from llm.exceptions import UpstreamTimeout
 from llm.generation import Generation, Start, Token
 from llm.local_model import LocalModelServer, answers
 from llm.models import Message, Session
-from llm.providers import get_provider, providers
+from llm.providers import get_provider
 from llm.streaming import cancel_and_wait
 from llm.types import ChatRequest
 from tests.fake_upstream import FakeUpstream, Reply
@@ -46,14 +45,7 @@ from tests.llm.ws_client import (
     wait_for_status,
 )
 
-pytestmark = pytest.mark.django_db(transaction=True)
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients(llm_config: Callable[..., Any]) -> AsyncIterator[None]:
-    yield
-    await providers.aclose()
-    await sync_to_async(connections.close_all)()
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_clients")]
 
 
 async def _status_becomes(session_id: str, status: str, timeout: float = 2.0) -> str:

@@ -9,13 +9,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import connections
 from django.test import AsyncClient
 from django.utils import timezone
 
@@ -23,7 +22,6 @@ import llm.autosave
 import llm.generation
 import llm.sessions
 from llm.models import Message, Session
-from llm.providers import providers
 from tests.fake_upstream import Reply
 
 GENERATE = "/api/v1/llm/generate"
@@ -33,14 +31,7 @@ CONVERSATION = [
 ]
 DEAD_WORKER = f"{socket.gethostname()}:999999"
 
-
-@pytest.fixture(autouse=True)
-async def _close_clients(llm_config: Callable[..., Any]) -> AsyncIterator[None]:
-    yield
-    await providers.aclose()
-    # The async ORM queries above ran in asgiref's thread: close its connection (PostgreSQL
-    # refuses to drop the test database while one is open).
-    await sync_to_async(connections.close_all)()
+pytestmark = pytest.mark.usefixtures("close_clients")
 
 
 async def generate(body: dict[str, Any]) -> Any:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -13,30 +12,19 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.contrib.auth import get_user_model
 from django.core.cache import cache
-from django.db import connections
 from django.test import AsyncClient
 from django.utils import timezone
 
 from llm.models import Message, Session
-from llm.providers import providers
 from tests.fake_upstream import Reply
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_clients")]
 
 SESSIONS = "/api/v1/sessions"
 GENERATE = "/api/v1/llm/generate"
 HELLO = {"messages": [{"role": "user", "content": "Hello"}]}
 TOKEN = "secret"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@pytest.fixture(autouse=True)
-async def _close_clients(llm_config: Callable[..., Any]) -> AsyncIterator[None]:
-    yield
-    await providers.aclose()
-    # The async ORM queries above ran in asgiref's thread: close its connection (PostgreSQL
-    # refuses to drop the test database while one is open).
-    await sync_to_async(connections.close_all)()
 
 
 @pytest.fixture(autouse=True)

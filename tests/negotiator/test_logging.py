@@ -24,12 +24,6 @@ UPSTREAM_LINE = re.compile(
 )
 
 
-@pytest.fixture(autouse=True)
-def _no_rate_limit(settings: Any) -> None:
-    settings.LLM_RATE_LIMIT = "off"
-    settings.API_TOKEN = ""  # the open API (API_TOKEN has tests of its own)
-
-
 @pytest.fixture
 def secrets(settings: Any, llm_config: Callable[..., Any]) -> None:
     settings.API_TOKEN = API_TOKEN  # the OpenRouter key is set by llm_config

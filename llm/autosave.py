@@ -9,6 +9,7 @@ process's sessions are told from live ones. A crash loses at most SAVE_INTERVAL 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import uuid
 import weakref
@@ -43,7 +44,8 @@ class _Entry:
 
 class Autosave:
     """The saver of one event loop: `track()` a reply while it streams, `untrack()` before its end
-    is stored (a save already queued then still runs first: one database thread keeps order)."""
+    is stored. A save may still land after the end was stored (the end may be written from another
+    thread: an HTTP request's own); it then changes nothing, since it only ever lengthens a reply."""
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
@@ -54,13 +56,18 @@ class Autosave:
         assert reply.session_id is not None
         self._entries[reply.session_id] = _Entry(reply, position)
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run())
+            # In a context of its own: one copied from the request that happened to start it would
+            # send every later save through that request's thread (and pin it past its end).
+            self._task = asyncio.create_task(self._run(), context=contextvars.Context())
 
     def untrack(self, session_id: str | None) -> None:
         if session_id is not None:
             self._entries.pop(session_id, None)
         if not self._entries and self._task is not None and not self._saving:
-            self._task.cancel()  # idle: nothing left to save (a save under way finishes first)
+            # Idle: nothing left to save (a save under way finishes first). Forgotten at once, so
+            # a reply tracked before the cancelled task has ended gets a task of its own.
+            self._task.cancel()
+            self._task = None
 
     async def _run(self) -> None:
         while self._entries:
@@ -94,15 +101,18 @@ def _write(changed: list[tuple[str, int, str, bool]], alive: list[str]) -> None:
         new = [Message(session_id=sid, position=pos, role=Message.Role.ASSISTANT, content=text)
                for sid, pos, text, exists in changed if not exists]
         Message.objects.bulk_create(new, ignore_conflicts=True)
-        updates = [(text, _session_key(sid), pos) for sid, pos, text, exists in changed if exists]
+        updates = [(text, _session_key(sid), pos, len(text)) for sid, pos, text, exists in changed if exists]
         if updates:
             with connection.cursor() as cursor:
                 cursor.executemany(UPDATE_REPLY, updates)
         Session.objects.filter(pk__in=alive, status=Session.Status.STREAMING).update(updated_at=timezone.now())
 
 
+# A reply only grows while it streams, so a save never shortens what is stored: one that lands
+# after the whole reply was written (from another thread) is a no-op.
 UPDATE_REPLY = (
-    f"UPDATE {Message._meta.db_table} SET content = %s WHERE session_id = %s AND position = %s"
+    f"UPDATE {Message._meta.db_table} SET content = %s "
+    "WHERE session_id = %s AND position = %s AND LENGTH(content) < %s"
 )
 
 

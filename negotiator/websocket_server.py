@@ -5,8 +5,9 @@ reading makes that buffer grow with everything later sent to it (its own stream,
 it watches), and the application is never told. This subclass checks the bytes still waiting
 in the transport before each frame: past `LLM_MAX_SEND_BUFFER_BYTES` it drops the frame and
 closes the connection with code 4008 ("too slow"). Other connections are never slowed: the
-transport is non-blocking. The application then sees the disconnect, and a generation on that
-socket ends `cancelled` with what it had sent.
+transport is non-blocking. The application is told of the disconnect at once, not when the
+client (which is not reading) completes the close handshake, so a generation on that socket
+stops there, `cancelled`, instead of streaming on into frames that are dropped.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ class BoundedSendWebSocketProtocol(ws_protocol.WebSocketProtocol):
             logger.warning("closing WebSocket %s: %d bytes wait for a client that reads too slowly",
                            self.client_addr, waiting)
             self.sendClose(code=CLOSE_TOO_SLOW, reason=f"too slow: over {limit} bytes unread")
+            if hasattr(self, "application_queue"):
+                self.application_queue.put_nowait({"type": "websocket.disconnect", "code": CLOSE_TOO_SLOW})
+                self.muted = True  # daphne then sends no second disconnect when the socket closes
             return
         super().serverSend(content, binary)
 

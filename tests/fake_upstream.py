@@ -49,10 +49,12 @@ class Reply:
     @classmethod
     def from_spec(cls, spec: str) -> Reply:
         """A reply described in the model name, for benchmarks through a relay that passes the
-        model on: `bench:tokens=2000,delay=0.02,ttft=0.2,timestamps=1`."""
+        model on: `bench:tokens=2000,delay=0.02,ttft=0.2,timestamps=1` (`size=4096` pads each
+        token to that many characters)."""
         options = dict(part.split("=", 1) for part in spec.removeprefix("bench:").split(",") if "=" in part)
+        size = int(options.get("size", 0))
         return cls(
-            tokens=[f" t{i}" for i in range(int(options.get("tokens", 100)))],
+            tokens=[f" t{i}".ljust(size, ".") for i in range(int(options.get("tokens", 100)))],
             delay=float(options.get("delay", 0)),
             ttft=float(options.get("ttft", 0)),
             timestamps=options.get("timestamps", "0") == "1",

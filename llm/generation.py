@@ -11,6 +11,7 @@ Events carry their contract frame (`event.frame()`), so a face only serialises t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -31,7 +32,7 @@ from .exceptions import (
     UpstreamUnavailable,
 )
 from .providers import OpenAICompatibleProvider, get_provider
-from .sessions import OpenedSession, close_session, open_session
+from .sessions import OpenedSession, close_session, mark_unstored, open_session
 from .streaming import bounded_stream, coalesce_chunks, estimate_prompt_tokens, estimate_tokens
 from .types import ChatRequest, StreamChunk, Usage
 
@@ -39,6 +40,10 @@ logger = logging.getLogger("llm.generation")
 
 # A provider failing with these before its first token hands over to the next fallback.
 FALLBACK_ERRORS = (UpstreamUnavailable, UpstreamTimeout, ProviderDisabled)
+
+# The finish reasons of the contract's `done` frame; any other an upstream gives (`content_filter`,
+# `tool_calls`, ...) ends the reply as `stop` there, and is stored as the upstream gave it.
+FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
 
 # Tokens are merged into one frame for at most this long, or until this many characters.
 COALESCE_DELAY = 0.01
@@ -224,7 +229,8 @@ class Generation:
             self.usage = Usage.estimate(estimate_prompt_tokens(request.messages), estimate_tokens(self.text))
         if self.error is not None:
             return Failed(self.session_id, self.error)
-        return Done(self.session_id, self.finish_reason or "stop", self.usage)
+        reason = self.finish_reason if self.finish_reason in FINISH_REASONS else "stop"
+        return Done(self.session_id, reason, self.usage)
 
     async def _close(
         self, opening: asyncio.Future[OpenedSession], broadcaster: Broadcaster, position: int, end: Done | Failed
@@ -235,6 +241,8 @@ class Generation:
             await close_session(self, position)
         except Exception:
             logger.exception("could not store the end of session %s", self.session_id)
+            with contextlib.suppress(Exception):  # never leave it `streaming` (the log has why)
+                await mark_unstored(self.session_id)
         try:
             await broadcaster.publish(end.frame())
         finally:

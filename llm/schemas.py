@@ -21,6 +21,18 @@ def _no_nul(value: str) -> str:
 
 # Text that can be stored: PostgreSQL refuses NUL characters in text columns.
 Text = Annotated[StrictStr, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})]
+def _one_line(value: str) -> str:
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("must be one line, without control characters")
+    return value
+
+
+# A model name: one line (it is logged) that fits the stored session's column.
+ModelName = Annotated[
+    StrictStr,
+    AfterValidator(_one_line),
+    Field(min_length=1, max_length=255, json_schema_extra={"pattern": "^[^\\u0000-\\u001f\\u007f]+$"}),
+]
 
 
 class ChatMessageIn(Schema):
@@ -36,7 +48,7 @@ class GenerationParams(Schema):
     model_config = ConfigDict(extra="forbid")
 
     messages: list[ChatMessageIn] = Field(min_length=1, description="The conversation (or, with session_id, the new turn).")
-    model: Text | None = Field(default=None, min_length=1, description="Empty: the provider's default model.")
+    model: ModelName | None = Field(default=None, description="Empty: the provider's default model.")
     max_tokens: StrictInt | None = Field(
         default=None, ge=1, le=1_000_000, description="Empty: LLM_MAX_TOKENS."
     )

@@ -116,8 +116,8 @@ def close_session(generation: Generation, position: int) -> None:
             status=g.status,
             provider=g.provider or "",
             tried=g.tried,
-            model=g.model or "",
-            finish_reason=g.finish_reason or "",
+            model=_fit("model", g.model),
+            finish_reason=_fit("finish_reason", g.finish_reason),
             error_code=g.error.code if g.error else "",
             error_message=g.error.message if g.error else "",
             prompt_tokens=g.usage.prompt_tokens if g.usage else None,
@@ -129,6 +129,23 @@ def close_session(generation: Generation, position: int) -> None:
             tokens_per_second=tokens_per_second,
             updated_at=timezone.now(),
         )
+
+
+def _fit(name: str, value: str | None) -> str:
+    """An upstream's string (a model name, a finish reason) cut to what its column holds."""
+    return (value or "")[: Session._meta.get_field(name).max_length]
+
+
+@database_sync_to_async
+def mark_unstored(session_id: str | None) -> None:
+    """When the end of a reply could not be stored: at least it is not left `streaming`."""
+    Session.objects.filter(pk=session_id, status=Session.Status.STREAMING).update(
+        status=Session.Status.FAILED,
+        error_code="INTERNAL_ERROR",
+        error_message="The end of this reply could not be stored; the error is logged.",
+        finished_at=timezone.now(),
+        updated_at=timezone.now(),
+    )
 
 
 @database_sync_to_async

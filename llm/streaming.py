@@ -18,6 +18,8 @@ from .exceptions import BadGateway
 from .types import Message, StreamChunk, Usage
 
 DONE = "[DONE]"
+# Token counts beyond this are not counts (and would not fit the database's integer columns).
+MAX_COUNT = 2**31 - 1
 DONE_BYTES = b"[DONE]"
 
 
@@ -87,7 +89,8 @@ def parse_chunk(data: str | bytes, *, provider: str | None = None) -> StreamChun
         if content is not None and not isinstance(content, str):
             raise BadGateway("Upstream sent non-text content in its stream", provider=provider)
         chunk.text = content or ""
-        chunk.finish_reason = choice.get("finish_reason") or None
+        reason = choice.get("finish_reason") or None
+        chunk.finish_reason = reason if reason is None or isinstance(reason, str) else str(reason)
     return chunk
 
 
@@ -115,14 +118,16 @@ def raise_for_error(payload: dict[str, Any], *, provider: str | None = None) -> 
 
 
 def parse_usage(value: Any) -> Usage | None:
-    """The upstream's own token counts, when it sent them."""
+    """The upstream's own token counts, when it sent them (and they are counts: none negative or absurd)."""
     if not isinstance(value, dict):
         return None
     try:
         prompt = int(value.get("prompt_tokens") or 0)
         completion = int(value.get("completion_tokens") or 0)
         total = int(value.get("total_tokens") or prompt + completion)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not all(0 <= count <= MAX_COUNT for count in (prompt, completion, total)):
         return None
     return Usage(prompt, completion, total, estimated=False)
 

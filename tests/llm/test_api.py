@@ -445,6 +445,8 @@ async def test_malformed_json_is_400(llm_config: Callable[..., Any], respx_mock:
         pytest.param({"messages": HELLO, "stream": "yes"}, "stream", id="stream-text"),
         pytest.param({"messages": HELLO, "stream": 1}, "stream", id="stream-int"),
         pytest.param({"messages": HELLO, "model": 7}, "model", id="model-int"),
+        pytest.param({"messages": HELLO, "model": "m" * 256}, "model", id="model-too-long"),
+        pytest.param({"messages": HELLO, "model": "fake\r\nX-Injected: 1"}, "model", id="model-two-lines"),
         pytest.param({"messages": HELLO, "banana": 1}, "banana", id="unknown-field"),
         pytest.param(
             {"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages.0.name",

@@ -7,6 +7,7 @@ pipeline writes from worker threads, hence `transaction=True`.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import Callable
@@ -170,6 +171,49 @@ async def test_stalled_stream_is_stored_failed_timeout_with_its_partial_text(
     assert session.status == Session.Status.FAILED
     assert session.error_code == "LLM_TIMEOUT"
     assert (await messages_of(session))[-1] == (2, "assistant", "slowly")
+
+
+# What an upstream sends that the contract or the database cannot take as it is ---------------------
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_finish_reason_outside_the_contract_ends_stop_and_is_stored_as_given(upstream: Any) -> None:
+    upstream.default = Reply(finish_reason="content_filter")
+    response = await generate({"messages": CONVERSATION})
+    assert response.status_code == 200, response.content
+    assert response.json()["finish_reason"] == "stop"
+    streamed = await generate({"messages": CONVERSATION, "stream": True})
+    body = b"".join([part async for part in streamed.streaming_content]).decode()
+    frames = [json.loads(event.removeprefix("data: ")) for event in body.split("\n\n") if event]
+    assert frames[-1]["type"] == "done" and frames[-1]["finish_reason"] == "stop"
+    sessions = [s async for s in Session.objects.all()]
+    assert [(s.status, s.finish_reason) for s in sessions] == [("completed", "content_filter")] * 2
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_usage_that_is_not_a_count_is_estimated_instead(upstream: Any) -> None:
+    upstream.replies.append(Reply(usage={"prompt_tokens": -1, "completion_tokens": 3, "total_tokens": 2}))
+    response = await generate({"messages": CONVERSATION})
+    assert response.status_code == 200, response.content
+    assert response.json()["usage"]["estimated"] is True
+    session = await only_session()
+    assert session.status == Session.Status.COMPLETED
+    assert session.usage_estimated is True and session.prompt_tokens > 0
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_session_whose_end_cannot_be_stored_is_not_left_streaming(
+    upstream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def fails(*args: Any) -> None:
+        raise RuntimeError("the database refused the row")
+
+    monkeypatch.setattr(llm.generation, "close_session", fails)
+    response = await generate({"messages": CONVERSATION})
+    assert response.status_code == 200, response.content  # the client had its reply
+    session = await only_session()
+    assert session.status == Session.Status.FAILED
+    assert session.error_code == "INTERNAL_ERROR" and session.finished_at is not None
 
 
 # Writes: every SAVE_INTERVAL, not per token ----------------------------------------------------

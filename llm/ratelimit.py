@@ -10,6 +10,7 @@ import math
 import re
 import time
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.cache import caches
 
@@ -54,11 +55,17 @@ async def check_rate(client: str) -> None:
 
 
 async def _count(key: str, period: int) -> int:
+    # Off the thread the ORM runs on: Django's `cache.aadd()` would queue a generate behind every
+    # database write of every stream (its caches have no async I/O of their own).
+    return await sync_to_async(_count_sync, thread_sensitive=False)(key, period)
+
+
+def _count_sync(key: str, period: int) -> int:
     cache = caches["default"]
-    if await cache.aadd(key, 1, timeout=period + 1):
+    if cache.add(key, 1, timeout=period + 1):
         return 1
     try:
-        return await cache.aincr(key)
+        return cache.incr(key)
     except ValueError:  # expired between the two calls
-        await cache.aset(key, 1, timeout=period + 1)
+        cache.set(key, 1, timeout=period + 1)
         return 1

@@ -8,6 +8,9 @@ from urllib.parse import parse_qs
 from django.conf import settings
 from django.http import HttpRequest
 from django.utils.crypto import constant_time_compare
+from ninja.utils import check_csrf
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 def token_matches(given: str | None) -> bool:
@@ -20,14 +23,21 @@ def _is_staff(user: Any) -> bool:
 
 
 async def api_token(request: HttpRequest) -> Any:
-    """Ninja auth: the token, a staff user, or anyone when no `API_TOKEN` is set; None -> 401."""
+    """Ninja auth: the token, a staff user (with the CSRF token on a POST), or anyone when no
+    `API_TOKEN` is set; None -> 401."""
     if not settings.API_TOKEN:
         return "anonymous"
     scheme, _, credentials = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token_matches(credentials.strip()):
         return "token"
     user = await request.auser()
-    return user if _is_staff(user) else None
+    if not _is_staff(user):
+        return None
+    # A session cookie rides along on other sites' requests too: for a POST it counts only
+    # with Django's CSRF token (ninja exempts its views from the middleware's own check).
+    if request.method not in SAFE_METHODS and check_csrf(request) is not None:
+        return None
+    return user
 
 
 def socket_token(scope: dict[str, Any]) -> str | None:

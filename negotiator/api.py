@@ -115,7 +115,11 @@ def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
         return error_response(request, exc.__cause__)
     if exc.status_code == 401:
         return error_response(
-            request, Unauthorized("Send `Authorization: Bearer <API_TOKEN>`, or log in as a staff user")
+            request,
+            Unauthorized(
+                "Send `Authorization: Bearer <API_TOKEN>`, or log in as a staff user "
+                "(and send the CSRF token with a POST)"
+            ),
         )
     body = {"error": {"code": f"HTTP_{exc.status_code}", "message": str(exc)}}
     return api.create_response(request, body, status=exc.status_code)

@@ -277,6 +277,26 @@ async def test_a_logged_in_staff_user_passes_without_the_token(token_set: str, u
     assert [r.status_code for r in responses] == [200, 200, 200], [r.content for r in responses]
 
 
+async def test_a_staff_cookie_needs_the_csrf_token_to_generate(token_set: str, upstream: Any) -> None:
+    """Another site's page can make the browser POST with the staff cookie, never with the token."""
+    client = AsyncClient(enforce_csrf_checks=True)
+    await client.aforce_login(await make_user("staffer", staff=True))
+    body = {"messages": [{"role": "user", "content": "Hi"}]}
+    forged = await client.post("/api/v1/llm/generate", body, content_type="application/json")
+    assert forged.status_code == 401 and error_of(forged)["code"] == "UNAUTHORIZED"
+    assert "CSRF" in error_of(forged)["message"]
+    assert await Session.objects.acount() == 0
+
+    page = await client.get("/admin/")  # any page of the site hands the browser its CSRF cookie
+    assert page.status_code == 200
+    token = client.cookies["csrftoken"].value
+    allowed = await client.post("/api/v1/llm/generate", body, content_type="application/json",
+                                headers={"X-CSRFToken": token})
+    assert allowed.status_code == 200, allowed.content
+    listed = await client.get("/api/v1/sessions")  # reading needs no CSRF token
+    assert listed.status_code == 200
+
+
 async def test_a_logged_in_non_staff_user_is_401(token_set: str, upstream: Any) -> None:
     session = await make_session()
     client = AsyncClient()

@@ -163,7 +163,12 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
         # Streaming, or not stored yet (a new session's row is written while it already streams):
         # the generating process, wherever it runs, answers for it.
         self.watch = _Watch(session_id)
-        await self.channel_layer.group_add(frames_group(session_id), self.channel_name)
+        try:
+            await self.channel_layer.group_add(frames_group(session_id), self.channel_name)
+        except Exception as exc:  # the layer is down (Redis): what the database holds, then the end
+            logger.warning("watch of %s: the channel layer failed (%s)", session_id, exc)
+            await self.llm_snapshot(_stored_answer(session_id, found))
+            return
         timeout = SNAPSHOT_TIMEOUT if found is not None else NOT_STORED_TIMEOUT
         self.watch.asker = asyncio.create_task(self._ask_for_snapshot(session_id, timeout))
 
@@ -174,16 +179,17 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
         request = {"type": "llm.watch", "reply_to": self.channel_name}
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
-            await self.channel_layer.group_send(control_group(session_id), request)
+            try:
+                await self.channel_layer.group_send(control_group(session_id), request)
+            except Exception as exc:  # the layer is down: nobody can answer, the database can
+                logger.warning("watch of %s: the channel layer failed (%s)", session_id, exc)
+                break
             await asyncio.sleep(WATCH_RETRY)
-        found = await stored_reply(session_id)
-        if found is None:
-            answer = {"type": "llm.snapshot", "session_id": session_id, "missing": True}
-        else:
-            text = found[1]
-            answer = {"type": "llm.snapshot", "session_id": session_id, "status": found[0].status, "text": text,
-                      "offset": len(text), "final": True}
-        await self.channel_layer.send(self.channel_name, answer)
+        answer = _stored_answer(session_id, await stored_reply(session_id))
+        try:
+            await self.channel_layer.send(self.channel_name, answer)
+        except Exception:  # no live frame can come through a broken layer either
+            await self.llm_snapshot(answer)
 
     async def llm_snapshot(self, event: dict[str, Any]) -> None:
         """The generating process's answer to our watch: the reply so far, then buffered frames.
@@ -204,6 +210,8 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
         await self.send_json(_watching(watch.session_id, event["status"], event["text"]))
         buffered, watch.buffer = watch.buffer, []
         for message in buffered:
+            if self.watch is not watch:
+                return  # a gap among them ended the watch
             await self._forward(message)
         if (event["status"] != "streaming" or event.get("final")) and self.watch is watch:
             await self._stop_watching()
@@ -254,6 +262,15 @@ class _Watch:
         self.offset = 0
         self.buffer: list[dict[str, Any]] = []
         self.asker: asyncio.Task[None] | None = None
+
+
+def _stored_answer(session_id: str, found: tuple[Any, str] | None) -> dict[str, Any]:
+    """A snapshot from the database, for when no generating process answers: it ends the watch."""
+    if found is None:
+        return {"type": "llm.snapshot", "session_id": session_id, "missing": True}
+    session, text = found
+    return {"type": "llm.snapshot", "session_id": session_id, "status": session.status, "text": text,
+            "offset": len(text), "final": True}
 
 
 def _watching(session_id: str, status: str, text: str) -> dict[str, Any]:

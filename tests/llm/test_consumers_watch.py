@@ -220,6 +220,37 @@ async def test_a_watcher_that_missed_frames_is_dropped_with_watch_lagged(upstrea
     await b.disconnect()
 
 
+async def test_a_gap_among_frames_buffered_before_the_snapshot_ends_the_watch_once(upstream: FakeUpstream) -> None:
+    """Frames that came before the snapshot wait for it; once a gap among them ends the watch,
+    the rest of them (later tokens, the end frame) are not sent, nor more lag errors."""
+    session = await Session.objects.acreate(provider="lm_studio", status=Session.Status.STREAMING)
+    session_id = str(session.pk)
+    layer = get_channel_layer()
+    control = await layer.new_channel()
+    await layer.group_add(control_group(session_id), control)
+    b = await open_socket()
+    await b.send_json_to({"type": "watch", "session_id": session_id})
+    request = await asyncio.wait_for(layer.receive(control), timeout=2)
+    group = frames_group(session_id)
+    frame = {"type": "llm.frame", "session_id": session_id}
+    await layer.group_send(group, frame | {"frame": {"type": "token", "text": "cd"}, "offset": 2})
+    await layer.group_send(group, frame | {"frame": {"type": "token", "text": "gh"}, "offset": 6})  # "ef" lost
+    await layer.group_send(group, frame | {"frame": {"type": "token", "text": "ij"}, "offset": 8})
+    await layer.group_send(group, frame | {"frame": {"type": "done", "session_id": session_id}, "offset": None})
+    await asyncio.sleep(0.1)  # all four wait in the consumer for the snapshot
+    await layer.send(request["reply_to"], {"type": "llm.snapshot", "session_id": session_id,
+                                           "status": "streaming", "text": "ab", "offset": 2})
+
+    assert (await recv(b))["type"] == "watching"
+    assert await recv(b) == {"type": "token", "text": "cd"}
+    assert await recv(b) == {"type": "error", "session_id": session_id, "code": "WATCH_LAGGED",
+                             "message": "This watcher fell behind and missed frames; send watch again to resume"}
+    assert await b.receive_nothing(timeout=0.3)
+    await generate_ok(b)
+    await layer.group_discard(control_group(session_id), control)
+    await b.disconnect()
+
+
 async def test_watch_falls_back_to_the_database_when_no_process_answers(
     upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -233,6 +264,30 @@ async def test_watch_falls_back_to_the_database_when_no_process_answers(
     assert watching == {"type": "watching", "session_id": str(session.pk), "status": "streaming",
                         "text": "Half a rep"}
     await generate_ok(b)
+    await b.disconnect()
+
+
+@pytest.mark.parametrize("failing", ["group_add", "group_send"])
+async def test_with_the_channel_layer_down_a_watch_answers_from_the_database(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    """Redis down: no live frames can come, but the watcher is told what is stored, at once."""
+    session = await Session.objects.acreate(provider="lm_studio", status=Session.Status.STREAMING)
+    await Message.objects.acreate(session=session, position=0, role="user", content="Hi")
+    await Message.objects.acreate(session=session, position=1, role="assistant", content="Half a rep")
+    layer = get_channel_layer()
+
+    async def down(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("Redis is down")
+
+    b = await open_socket()
+    monkeypatch.setattr(layer, failing, down)
+    monkeypatch.setattr(layer, "send", down)
+    await b.send_json_to({"type": "watch", "session_id": str(session.pk)})
+    assert await recv(b, timeout=2) == {"type": "watching", "session_id": str(session.pk),
+                                        "status": "streaming", "text": "Half a rep"}
+    monkeypatch.undo()
+    await generate_ok(b)  # the socket still serves
     await b.disconnect()
 
 

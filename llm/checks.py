@@ -5,6 +5,8 @@ Each message names the environment variable and says how to fix it.
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -107,10 +109,46 @@ def check_numbers(**kwargs: Any) -> list[CheckMessage]:
                 error = _number_error(ENV_NAMES[option], value, *NUMBER_RULES[option])
                 if error is not None and error not in errors:
                     errors.append(error)
-    for name, minimum, inclusive in (("LLM_MAX_REQUEST_BYTES", 0, False), ("LLM_MAX_SEND_BUFFER_BYTES", 0, True)):
-        error = _number_error(name, getattr(settings, name), True, minimum, inclusive)
-        if error is not None:
-            errors.append(error)
+    whole_numbers = (
+        ("LLM_MAX_REQUEST_BYTES", "LLM_MAX_REQUEST_BYTES", 0, False),
+        ("LLM_MAX_SEND_BUFFER_BYTES", "LLM_MAX_SEND_BUFFER_BYTES", 0, True),
+        ("DATABASE_POOL_SIZE", "DATABASE_POOL_SIZE", 0, False),
+        ("DJANGO_HSTS_SECONDS", "DJANGO_HSTS_SECONDS", 0, True),  # only set with debug off
+        ("PORT", "SERVE_PORT", 0, False),
+    )
+    for name, setting, minimum, inclusive in whole_numbers:
+        if hasattr(settings, setting):
+            error = _number_error(name, getattr(settings, setting), True, minimum, inclusive)
+            if error is not None:
+                errors.append(error)
+    port = getattr(settings, "SERVE_PORT", 8000)
+    if isinstance(port, int) and port > 65535:
+        errors.append(Error(f"PORT is {port!r}; a TCP port is at most 65535.",
+                            hint="Set PORT to a free TCP port, e.g. 8000.", id="llm.E003"))
+    return errors
+
+
+def check_logging(**kwargs: Any) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    level = settings.LOG_LEVEL
+    if level not in logging.getLevelNamesMapping():
+        errors.append(
+            Error(
+                f"LOG_LEVEL is {level!r}, which is not a logging level.",
+                hint="Set LOG_LEVEL to DEBUG, INFO, WARNING, ERROR or CRITICAL.",
+                id="llm.E008",
+            )
+        )
+    log_dir = settings.LOG_DIR
+    if log_dir and not (os.path.isdir(log_dir) and os.access(log_dir, os.W_OK)):
+        errors.append(
+            Error(
+                f"LOG_DIR is {log_dir!r}, a folder this process cannot create or write in.",
+                hint="Set LOG_DIR to a writable folder (it is created if missing), or unset it to log "
+                "to the console only.",
+                id="llm.E009",
+            )
+        )
     return errors
 
 
@@ -187,7 +225,7 @@ def check_api_token(**kwargs: Any) -> list[CheckMessage]:
     ]
 
 
-ALL_CHECKS = (check_provider, check_base_urls, check_numbers, check_openrouter_key, check_rate_limit)
+ALL_CHECKS = (check_provider, check_base_urls, check_numbers, check_openrouter_key, check_rate_limit, check_logging)
 # Run by `manage.py check --deploy`, as Django's own security checks are.
 DEPLOY_CHECKS = (check_api_token,)
 

@@ -6,6 +6,9 @@ Nothing else in the project reads the environment: code reaches these values thr
 checks in `llm/checks.py` instead of failing here with a traceback.
 """
 
+import contextlib
+import logging
+import os
 from pathlib import Path
 
 import environ
@@ -85,6 +88,8 @@ TEMPLATES = [
     },
 ]
 
+# PostgreSQL connections each process may hold (checked by llm.E003).
+DATABASE_POOL_SIZE = _number("DATABASE_POOL_SIZE", 4, int)
 DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL: readers never wait for the writer; synchronous=NORMAL: no fsync per commit (a power
@@ -101,7 +106,7 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
-        "max_size": _number("DATABASE_POOL_SIZE", 4, int),
+        "max_size": DATABASE_POOL_SIZE if isinstance(DATABASE_POOL_SIZE, int) and DATABASE_POOL_SIZE > 0 else 4,
         "timeout": 10,
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -199,8 +204,10 @@ LLM = {
 
 # Logging -----------------------------------------------------------------------
 
-LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").strip().upper()
 LOG_DIR = env.str("LOG_DIR", default="")
+# What logging runs with while a bad LOG_LEVEL / LOG_DIR waits for `llm.E008` to report it.
+_log_level = LOG_LEVEL if LOG_LEVEL in logging.getLevelNamesMapping() else "INFO"
 
 LOGGING = {
     "version": 1,
@@ -216,15 +223,17 @@ LOGGING = {
             "filters": ["redact_secrets"],
         },
     },
-    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "root": {"handlers": ["console"], "level": _log_level},
     "loggers": {
-        "django": {"handlers": [], "level": LOG_LEVEL, "propagate": True},
+        "django": {"handlers": [], "level": _log_level, "propagate": True},
         "httpx": {"level": "WARNING"},
         "httpcore": {"level": "WARNING"},
     },
 }
-if LOG_DIR:
-    Path(LOG_DIR).mkdir(parents=True, exist_ok=True)
+with contextlib.suppress(OSError):
+    if LOG_DIR:
+        Path(LOG_DIR).mkdir(parents=True, exist_ok=True)
+if LOG_DIR and os.access(LOG_DIR, os.W_OK):
     LOGGING["handlers"]["file"] = {
         "class": "logging.handlers.RotatingFileHandler",
         "filename": str(Path(LOG_DIR) / "negotiator.log"),
@@ -239,7 +248,8 @@ if LOG_DIR:
 if not DEBUG:
     SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
     SECURE_REDIRECT_EXEMPT = [r"^api/v1/health$"]  # load balancers probe over plain HTTP
-    SECURE_HSTS_SECONDS = _number("DJANGO_HSTS_SECONDS", 0, int)
+    DJANGO_HSTS_SECONDS = _number("DJANGO_HSTS_SECONDS", 0, int)  # checked by llm.E003
+    SECURE_HSTS_SECONDS = DJANGO_HSTS_SECONDS if isinstance(DJANGO_HSTS_SECONDS, int) else 0
     SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", default=True)
     SECURE_HSTS_PRELOAD = env.bool("DJANGO_HSTS_PRELOAD", default=True)
     SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = env.bool("DJANGO_SECURE_COOKIES", default=True)

@@ -24,6 +24,7 @@ from django.core.management.base import SystemCheckError
 
 from llm.checks import (
     check_base_urls,
+    check_logging,
     check_numbers,
     check_openrouter_key,
     check_provider,
@@ -400,6 +401,51 @@ def test_messages_never_contain_the_key(llm_config: Config) -> None:
         assert key not in (message.hint or "")
 
 
+# Settings of the process around the LLM: serving, database pool, logging --------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "name", "value", "bound"),
+    [
+        ("SERVE_PORT", "PORT", "abc", "greater than 0"),
+        ("SERVE_PORT", "PORT", 0, "greater than 0"),
+        ("DATABASE_POOL_SIZE", "DATABASE_POOL_SIZE", 0, "greater than 0"),
+        ("DJANGO_HSTS_SECONDS", "DJANGO_HSTS_SECONDS", "a year", "at least 0"),
+    ],
+)
+def test_e003_process_numbers(settings: Any, setting: str, name: str, value: Any, bound: str) -> None:
+    setattr(settings, setting, value)
+    assert check_numbers() == [number_error(name, value, "a whole number", bound)]
+
+
+def test_e003_port_above_the_tcp_range(settings: Any) -> None:
+    settings.SERVE_PORT = 70000
+    assert check_numbers() == [
+        Error("PORT is 70000; a TCP port is at most 65535.", hint="Set PORT to a free TCP port, e.g. 8000.",
+              id="llm.E003")
+    ]
+
+
+def test_e008_log_level(settings: Any) -> None:
+    settings.LOG_LEVEL = "VERBOSE"
+    assert check_logging() == [
+        Error("LOG_LEVEL is 'VERBOSE', which is not a logging level.",
+              hint="Set LOG_LEVEL to DEBUG, INFO, WARNING, ERROR or CRITICAL.", id="llm.E008")
+    ]
+
+
+def test_e009_log_dir_that_cannot_be_written(settings: Any, tmp_path: Path) -> None:
+    settings.LOG_DIR = str(tmp_path / "file")
+    (tmp_path / "file").write_text("not a folder")
+    assert check_logging() == [
+        Error(f"LOG_DIR is {settings.LOG_DIR!r}, a folder this process cannot create or write in.",
+              hint="Set LOG_DIR to a writable folder (it is created if missing), or unset it to log "
+              "to the console only.", id="llm.E009")
+    ]
+    settings.LOG_DIR = str(tmp_path)
+    assert check_logging() == []
+
+
 # Entry points as subprocesses -------------------------------------------------------------------
 
 
@@ -431,10 +477,14 @@ def run_entry_point(args: list[str], db: str, **env_vars: str) -> subprocess.Com
 BAD_ENV = [
     pytest.param({"LLM_PROVIDER": "banana"}, "llm.E001", id="provider=banana"),
     pytest.param({"LM_STUDIO_TIMEOUT": "abc"}, "llm.E003", id="timeout=abc"),
+    pytest.param({"PORT": "abc"}, "llm.E003", id="port=abc"),
+    pytest.param({"DATABASE_POOL_SIZE": "many"}, "llm.E003", id="pool=many"),
+    pytest.param({"LOG_LEVEL": "verbose"}, "llm.E008", id="log-level=verbose"),
+    pytest.param({"LOG_DIR": "/proc/negotiator-logs"}, "llm.E009", id="log-dir=unwritable"),
 ]
 
 
-@pytest.mark.parametrize("command", ["llm_ping", "check"])
+@pytest.mark.parametrize("command", ["llm_ping", "check", "serve"])
 @pytest.mark.parametrize(("env_vars", "check_id"), BAD_ENV)
 def test_manage_py_with_bad_env_prints_check_id(
     command: str, env_vars: dict[str, str], check_id: str, scratch_db: str

@@ -20,10 +20,12 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--host", default=settings.SERVE_HOST, help="Bind address (HOST).")
-        parser.add_argument("--port", type=int, default=settings.SERVE_PORT, help="Port (PORT).")
+        parser.add_argument("--host", help="Bind address (default: HOST).")
+        parser.add_argument("--port", type=int, help="Port (default: PORT).")
 
-    def handle(self, *args: Any, host: str, port: int, **options: Any) -> None:
+    def handle(self, *args: Any, host: str | None, port: int | None, **options: Any) -> None:
+        # The settings' values only here, after the system checks (llm.E003 for a bad PORT).
+        host, port = host or settings.SERVE_HOST, port or settings.SERVE_PORT
         model = self._start_local_model()
         try:
             from daphne.cli import CommandLineInterface

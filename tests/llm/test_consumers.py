@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -80,12 +81,28 @@ async def test_done_carries_the_upstreams_usage(upstream: FakeUpstream) -> None:
 
 
 async def test_fast_reply_is_coalesced_into_far_fewer_frames(upstream: FakeUpstream) -> None:
-    reply = tokens(500)
-    upstream.default = Reply(tokens=reply)
+    # One token a millisecond, each in a network read of its own: only coalescing (at most a
+    # frame per 10 ms) makes fewer frames than tokens.
+    reply = tokens(300)
+    upstream.default = Reply(tokens=reply, delay=0.001)
     comm = await open_socket()
     frames = await generate_ok(comm, expected="".join(reply), max_tokens=5000)
     count = len(token_frames(frames))
-    assert count < 100, f"{count} token frames for 500 fast tokens: not coalesced"
+    assert count < 100, f"{count} token frames for 300 tokens in about 0.3 s: not coalesced"
+    await comm.disconnect()
+
+
+async def test_start_frame_and_session_name_the_model_the_upstream_reports(upstream: FakeUpstream) -> None:
+    """LM Studio serves its loaded model whatever name is asked: the reported name is stored."""
+    upstream.models = ["listed-model"]
+    upstream.default = Reply(model="loaded-model")
+    comm = await open_socket()
+    for asked in ({}, {"model": "asked-model"}):
+        frames = await generate_ok(comm, **asked)
+        assert frames[0]["model"] == "loaded-model"
+        session, _ = await wait_for_status(frames[0]["session_id"], "completed")
+        assert session.model == "loaded-model"
+    assert [r.body["model"] for r in upstream.chat_requests] == ["listed-model", "asked-model"]
     await comm.disconnect()
 
 
@@ -110,6 +127,7 @@ async def test_cancel_frame_ends_with_cancelled_closes_upstream_and_keeps_partia
     await generate(comm)
     frames = [await recv(comm), await recv(comm), await recv(comm)]  # start and two tokens
     assert [f["type"] for f in frames] == ["start", "token", "token"]
+    cancelled_at = time.monotonic()
     await comm.send_json_to({"type": "cancel"})
     frames += await until_end(comm)
     assert_sequence(frames)
@@ -117,6 +135,7 @@ async def test_cancel_frame_ends_with_cancelled_closes_upstream_and_keeps_partia
     assert done["finish_reason"] == "cancelled"
     assert done["usage"]["estimated"] is True
     assert await upstream.wait_for_disconnects(1, timeout=1.0), "the upstream request was not closed"
+    assert upstream.disconnects[0] - cancelled_at < 1.0, "the upstream saw its client leave after 1 s"
     partial = text_of(frames)
     assert partial and "".join(reply).startswith(partial) and partial != "".join(reply)
 
@@ -148,9 +167,11 @@ async def test_closing_the_socket_cancels_closes_upstream_and_stores_partial_tex
     frames = [await recv(comm), await recv(comm), await recv(comm)]
     assert [f["type"] for f in frames] == ["start", "token", "token"]
     session_id = frames[0]["session_id"]
+    closed_at = time.monotonic()
     await comm.disconnect(timeout=5)
     frames += drained(comm)
     assert await upstream.wait_for_disconnects(1, timeout=1.0), "the upstream request was not closed"
+    assert upstream.disconnects[0] - closed_at < 1.0, "the upstream saw its client leave after 1 s"
 
     session, messages = await wait_for_status(session_id, "cancelled")
     assert session.status == "cancelled"

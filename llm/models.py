@@ -69,7 +69,7 @@ class Message(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        ordering = ["session", "position"]
+        ordering = ["session_id", "position"]  # the column: "session" would join Session for its order
         constraints = [models.UniqueConstraint(fields=["session", "position"], name="llm_message_position")]
 
     def __str__(self) -> str:

@@ -1,0 +1,77 @@
+"""Start-up and shutdown of the ASGI app, under any server: the ASGI lifespan where there is one
+(uvicorn), daphne's reactor events where there is not.
+
+At start-up, sessions a dead process left `streaming` become `interrupted` (before any request
+is served); at shutdown, the providers' pooled HTTP clients are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.db import DatabaseError
+
+from llm.providers import providers
+from llm.sessions import recover_interrupted
+
+logger = logging.getLogger("negotiator.lifecycle")
+
+
+class StartUp:
+    """Wraps the app: every request waits for the start-up work, which runs once (started by the
+    server's start where it says so, else by the first request); the lifespan is answered here."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._work: asyncio.Future[None] | None = None
+
+    def start(self) -> asyncio.Future[None]:
+        """Begin the start-up work, once; later calls return the same future."""
+        if self._work is None:
+            self._work = asyncio.ensure_future(database_sync_to_async(_recover)())
+        return self._work
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        work = self.start()
+        if not work.done() and work.get_loop() is asyncio.get_running_loop():
+            await asyncio.shield(work)  # concurrent first requests all wait for it
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def shutdown() -> None:
+    await providers.aclose()
+    logger.info("closed the providers' HTTP clients")
+
+
+def _recover() -> None:
+    try:
+        recover_interrupted()
+    except DatabaseError as exc:  # not migrated yet: nothing to recover
+        logger.warning("could not check for interrupted sessions: %s", exc)
+
+
+def attach_to_daphne(app: StartUp) -> None:
+    """Under daphne (its reactor is running this process), run the start-up work as the server
+    starts and `shutdown()` before it stops; daphne speaks no ASGI lifespan."""
+    reactor = sys.modules.get("twisted.internet.reactor")
+    if reactor is None or "daphne.server" not in sys.modules:
+        return  # imported by something else (tests, uvicorn, a shell): nothing to attach to
+    from twisted.internet.defer import Deferred
+
+    # Once its event loop runs (`callWhenRunning` alone fires just before it does).
+    reactor.callWhenRunning(lambda: reactor.callLater(0, app.start))
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromFuture(asyncio.ensure_future(shutdown())))

@@ -2,8 +2,8 @@
 
 It knows HTTP and the OpenAI wire format and nothing of Django's database, sockets or sessions:
 retries with backoff before the first token, timeouts (connect, read, and idle between tokens),
-SSE parsing through httpx-sse, error mapping onto `llm.exceptions`, and one pooled
-`httpx.AsyncClient` per event loop. Subclasses set headers, payload extras and `check_enabled`.
+SSE parsing (`llm.streaming.SSEDataReader`, held to httpx-sse's output), error mapping onto
+`llm.exceptions`, and one pooled `httpx.AsyncClient` per event loop. Subclasses set headers, payload extras and `check_enabled`.
 """
 
 from __future__ import annotations

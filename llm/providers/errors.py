@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 import httpx
 import orjson
-from httpx_sse import SSEError
 
 from ..exceptions import BadGateway, LLMError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
 from ..retries import RETRY_STATUSES, parse_retry_after
@@ -41,8 +40,6 @@ def transport_error(provider: OpenAICompatibleProvider, exc: httpx.HTTPError, *,
             ),
         }.get(type(exc), f"send a byte within {provider.read_timeout:g} s (LM_STUDIO_TIMEOUT)")
         return UpstreamTimeout(f"{alias} did not {kind}", provider=alias)
-    if isinstance(exc, SSEError):
-        return BadGateway(f"{alias} did not answer with an event stream: {exc}", provider=alias)
     if started_body:
         return BadGateway(f"{alias} cut the stream: {type(exc).__name__}", provider=alias)
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):

@@ -33,7 +33,7 @@ from ..streaming import (
 )
 from ..types import ChatRequest, Completion, PingResult, StreamChunk, Usage
 from .errors import status_error, transport_error
-from .network import asyncio_transport, closing_stream
+from .network import closing_stream, upstream_transport
 
 logger = logging.getLogger("llm.upstream")
 
@@ -132,8 +132,9 @@ class OpenAICompatibleProvider:
                     write=self.read_timeout,
                     pool=self.read_timeout,
                 ),
-                transport=asyncio_transport(
-                    httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_keepalive)
+                transport=upstream_transport(
+                    self.base_url,
+                    httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_keepalive),
                 ),
                 headers=self.get_headers(),
                 follow_redirects=False,

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import urllib.request
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpcore
 import httpx
@@ -160,6 +162,24 @@ class ReclaimingConnectionPool(httpcore.AsyncConnectionPool):
         for connection in orphans:
             self._connections.remove(connection)
         return orphans + super()._assign_requests_to_connections()
+
+
+def upstream_transport(base_url: str, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
+    """`asyncio_transport`, or httpx's own through the proxy the environment names for `base_url`
+    (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, minus `NO_PROXY`), as httpx itself would use."""
+    proxy = environment_proxy(base_url)
+    if proxy:
+        return httpx.AsyncHTTPTransport(limits=limits, proxy=proxy)
+    return asyncio_transport(limits)
+
+
+def environment_proxy(url: str) -> str | None:
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy
 
 
 def asyncio_transport(limits: httpx.Limits, *, verify: ssl.SSLContext | bool = True) -> httpx.AsyncHTTPTransport:

@@ -141,3 +141,60 @@ async def test_tls_is_verified(certificate: tuple[Path, Path]) -> None:
         for writer in app.writers:
             writer.close()
         listener.close()
+
+
+# Through the proxy the environment names ----------------------------------------------------------
+
+
+class ForwardProxy:
+    """A plain-HTTP forward proxy: takes `POST http://host:port/path`, passes it on, pipes back."""
+
+    def __init__(self) -> None:
+        self.targets: list[str] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            method, target, rest = head.split(b" ", 2)
+            self.targets.append(target.decode())
+            url = httpx.URL(target.decode())
+            up_reader, up_writer = await asyncio.open_connection(url.host, url.port)
+            up_writer.write(b" ".join([method, url.raw_path, rest]))
+
+            async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+                sink.close()
+
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+        finally:
+            writer.close()
+
+
+async def test_the_provider_goes_through_the_environments_proxy(
+    upstream: object, monkeypatch: pytest.MonkeyPatch, close_clients: None
+) -> None:
+    """HTTP(S)_PROXY as httpx reads it (a custom transport alone would ignore it), minus NO_PROXY."""
+    from llm import ChatRequest, get_provider
+
+    proxy = ForwardProxy()
+    listener = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+    proxy_url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    request = ChatRequest(messages=[{"role": "user", "content": "Hi"}])
+    try:
+        provider = get_provider()
+        text = "".join([chunk.text async for chunk in provider.stream(request)])
+        assert text == "Hello, world!"
+        assert proxy.targets and all(t.startswith(provider.base_url) for t in proxy.targets), proxy.targets
+
+        await provider.aclose()
+        seen = len(proxy.targets)
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        text = "".join([chunk.text async for chunk in provider.stream(request)])
+        assert text == "Hello, world!" and len(proxy.targets) == seen  # straight to the upstream
+    finally:
+        listener.close()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -245,3 +248,146 @@ def test_manage_py_never_prints_the_key() -> None:
     assert done.returncode == 1
     assert json.loads(done.stdout)["error"]["code"] == "LLM_UNAVAILABLE"
     assert_no_key(done.stdout, done.stderr)
+
+
+# Beside the provider: the database and (with REDIS_URL) the channel layer --------------------
+# They are reported, and never change the exit code, which follows the provider alone.
+
+@pytest.fixture
+def probe_thread() -> Iterator[None]:
+    """The database probe runs in asgiref's one sync thread: close the connection it opened there
+    after the test (PostgreSQL cannot drop a test database someone is still connected to)."""
+    yield
+    from asgiref.sync import sync_to_async
+    from django.db import connections
+
+    asyncio.run(sync_to_async(connections.close_all, thread_sensitive=True)())
+
+
+LIVE_REDIS = os.environ.get("SCALEOUT_REDIS_URL", "redis://127.0.0.1:6379/0")
+DATABASE_LINE = re.compile(r"^Database: (\w+), ok \((\d+\.\d) ms\)$", re.M)
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("probe_thread")
+def test_database_is_reported_in_the_human_output(
+    llm_config: Callable[..., Any], respx_mock: Any, settings: Any
+) -> None:
+    from django.db import connection
+
+    settings.REDIS_URL = ""  # whatever the suite runs on: no channel layer to probe
+    respx_mock.get(f"{UPSTREAM}/models").respond(json=MODELS)
+    code, out, _ = ping()
+    assert code == 0
+    found = DATABASE_LINE.search(out)
+    assert found, out
+    assert found.group(1) == connection.vendor
+    assert "Channels:" not in out  # without REDIS_URL the in-memory layer has nothing to probe
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("probe_thread")
+def test_database_is_reported_in_json(llm_config: Callable[..., Any], respx_mock: Any, settings: Any) -> None:
+    from django.db import connection
+
+    settings.REDIS_URL = ""
+    respx_mock.get(f"{UPSTREAM}/models").mock(side_effect=httpx.ConnectError("Connection refused"))
+    code, out, _ = ping("--json")
+    assert code == 1  # the provider's verdict, though the database is fine
+    report = json.loads(out)
+    database = report["database"]
+    assert database["status"] == "ok", database
+    assert database["engine"] == connection.vendor
+    assert isinstance(database["latency_ms"], int | float) and database["latency_ms"] >= 0
+    assert "channel_layer" not in report
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("probe_thread")
+@pytest.mark.parametrize("as_json", [False, True])
+def test_a_database_failure_is_reported_but_does_not_change_the_exit_code(
+    llm_config: Callable[..., Any], respx_mock: Any, monkeypatch: pytest.MonkeyPatch, as_json: bool
+) -> None:
+    from django.db import OperationalError
+
+    from health import probes
+
+    def down(alias: str) -> None:
+        raise OperationalError("could not connect to server")
+
+    monkeypatch.setattr(probes, "_select_one", down)
+    respx_mock.get(f"{UPSTREAM}/models").respond(json=MODELS)
+    code, out, err = ping(*(["--json"] if as_json else []))
+    assert code == 0  # the provider is reachable
+    if as_json:
+        database = json.loads(out)["database"]
+        assert database["status"] == "error" and database["latency_ms"] is None
+        assert database["error"]["code"] == "DATABASE_UNAVAILABLE"
+    else:
+        assert re.search(r"^Database: \w+, DATABASE_UNAVAILABLE: ", out, re.M), out
+    assert "Traceback" not in out + err
+
+
+@pytest.fixture
+def provider_up(tmp_path: Path) -> Any:
+    """A fake upstream in its own process (a subprocess cannot see respx): its base URL."""
+    from tests import servers
+
+    with servers.fake_upstream(tmp_path) as url:
+        yield url
+
+
+def _manage_with_layer(tmp_path: Path, redis_url: str, provider_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return _manage(
+        *args, REDIS_URL=redis_url, LM_STUDIO_BASE_URL=provider_url,
+        DATABASE_URL=f"sqlite:///{tmp_path / 'ping.sqlite3'}",
+    )
+
+
+@pytest.mark.scaleout
+def test_manage_py_with_live_redis_reports_a_channel_layer_round_trip(tmp_path: Path, provider_up: str) -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(LIVE_REDIS, socket_connect_timeout=3).ping()
+    except Exception as exc:
+        pytest.fail(f"this test needs Redis at {LIVE_REDIS} ({exc}); .ci/run starts it")
+
+    done = _manage_with_layer(tmp_path, LIVE_REDIS, provider_up, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["reachable"] is True
+    layer = report["channel_layer"]
+    assert layer["status"] == "ok", layer
+    assert "Redis" in layer["backend"], layer  # channels-redis (or the project's subclass of it)
+    assert isinstance(layer["latency_ms"], int | float) and layer["latency_ms"] >= 0
+    assert "error" not in layer
+    assert report["database"] == {"status": "ok", "engine": "sqlite", "latency_ms": report["database"]["latency_ms"]}
+
+    human = _manage_with_layer(tmp_path, LIVE_REDIS, f"http://127.0.0.1:{_closed_port()}/v1")
+    assert human.returncode == 1, human.stdout + human.stderr  # the provider is down: 1, Redis is fine
+    assert re.search(r"^Channels: \w*Redis\w*, ok \(\d+\.\d ms\)$", human.stdout, re.M), human.stdout
+    assert DATABASE_LINE.search(human.stdout), human.stdout
+    assert "Traceback" not in human.stdout + human.stderr
+
+
+def test_manage_py_with_redis_down_reports_it_and_exits_on_the_provider(tmp_path: Path, provider_up: str) -> None:
+    dead_redis = f"redis://127.0.0.1:{_closed_port()}/0"
+    started = time.monotonic()
+    done = _manage_with_layer(tmp_path, dead_redis, provider_up, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr  # the provider is reachable
+    report = json.loads(done.stdout)
+    assert report["reachable"] is True
+    layer = report["channel_layer"]
+    assert layer["status"] == "error" and layer["latency_ms"] is None, layer
+    assert layer["error"]["code"] in ("CHANNEL_LAYER_UNAVAILABLE", "CHANNEL_LAYER_TIMEOUT"), layer
+    assert layer["error"]["message"]
+    assert report["database"]["status"] == "ok"
+
+    human = _manage_with_layer(tmp_path, dead_redis, f"http://127.0.0.1:{_closed_port()}/v1")
+    assert human.returncode == 1, human.stdout + human.stderr  # the provider is down: 1
+    assert re.search(r"^Channels: \w+, CHANNEL_LAYER_(UNAVAILABLE|TIMEOUT): ", human.stdout, re.M), human.stdout
+    assert "LLM_UNAVAILABLE" in human.stdout
+    output = done.stdout + done.stderr + human.stdout + human.stderr
+    assert "Traceback" not in output
+    assert time.monotonic() - started < 30  # each probe is bounded (2 s for the channel layer)

@@ -7,21 +7,28 @@ suite runs on it; either way everything is read through the sessions API, as a u
 
 The killed session must come back `interrupted` (error INTERRUPTED) with the partial text the
 autosave wrote (a prefix of what its client received, at most one save interval behind), and
-every session finished before the kill must read exactly as it did.
+every session finished before the kill must read exactly as it did. Nothing else in the database
+is lost or corrupt: every row of `llm_session`, `llm_message` and `auth_user` but the killed
+session's is read straight from the database before the kill and must be identical after the
+restart; the row counts add up, no message lacks its session, and SQLite's integrity check passes.
+On PostgreSQL the test runs in a database of its own (created and dropped here), so other runs
+sharing the server cannot change rows under it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -29,7 +36,7 @@ import websockets
 
 from llm.autosave import SAVE_INTERVAL
 from tests import servers
-from tests.servers import ROOT, project_env
+from tests.servers import project_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,32 +104,129 @@ def tokens_of(text: str) -> list[tuple[str, float]]:
     return found
 
 
-def delete_sessions(env: dict[str, str], ids: list[str]) -> None:
-    """Remove this test's sessions from a shared database (PostgreSQL)."""
-    if not ids:
+# The database, read directly (not through the app) -------------------------------------------
+
+# Each table, and its column naming the session a row belongs to (None: no session).
+TABLES = {"llm_session": "id", "llm_message": "session_id", "auth_user": None}
+KEEPER = "keeper"  # a user created before the kill: auth_user must come through it untouched
+
+
+def is_postgres(env: dict[str, str]) -> bool:
+    return env["DATABASE_URL"].startswith("postgres")
+
+
+@contextlib.contextmanager
+def own_database(env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """On PostgreSQL: `env` on a fresh database of the same server, dropped afterwards."""
+    if not is_postgres(env):
+        yield env
         return
-    code = f"from llm.models import Session; Session.objects.filter(pk__in={ids!r}).delete()"
-    subprocess.run([sys.executable, "manage.py", "shell", "-c", code], cwd=ROOT, env=env, check=False,
-                   capture_output=True, timeout=60)
+    import psycopg
+
+    name = f"negotiator_restart_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(env["DATABASE_URL"], autocommit=True, connect_timeout=5) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield env | {"DATABASE_URL": urlunsplit(urlsplit(env["DATABASE_URL"])._replace(path=f"/{name}"))}
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def connect(env: dict[str, str]) -> Iterator[Any]:
+    """A DB-API connection to the servers' database (read-only on SQLite)."""
+    if is_postgres(env):
+        import psycopg
+
+        with psycopg.connect(env["DATABASE_URL"], autocommit=True, connect_timeout=5) as db:
+            yield db
+    else:
+        path = env["DATABASE_URL"].removeprefix("sqlite:///")
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        try:
+            yield db
+        finally:
+            db.close()
+
+
+def snapshot(env: dict[str, str], killed: str) -> dict[str, list[tuple[tuple[str, Any], ...]]]:
+    """Every row of TABLES, each as its (column, value) pairs, but those of the session `killed`."""
+    killed_id = uuid.UUID(killed)
+    tables = {}
+    with connect(env) as db:
+        for table, session_column in TABLES.items():
+            cursor = db.cursor()
+            cursor.execute(f"SELECT * FROM {table} ORDER BY id")
+            names = [column[0] for column in cursor.description]
+            rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            tables[table] = [
+                tuple(sorted(row.items())) for row in rows
+                if session_column is None or uuid.UUID(str(row[session_column])) != killed_id
+            ]
+    return tables
+
+
+def check_integrity(env: dict[str, str]) -> dict[str, int]:
+    """The database is sound (SQLite's own check; every message's session exists; positions are
+    unique): the row count of each table."""
+    with connect(env) as db:
+        cursor = db.cursor()
+        if not is_postgres(env):
+            cursor.execute("PRAGMA integrity_check")
+            assert cursor.fetchall() == [("ok",)]
+            cursor.execute("PRAGMA foreign_key_check")
+            assert cursor.fetchall() == []
+        cursor.execute(
+            "SELECT COUNT(*) FROM llm_message m LEFT JOIN llm_session s ON s.id = m.session_id WHERE s.id IS NULL"
+        )
+        assert cursor.fetchone()[0] == 0, "messages without their session"
+        cursor.execute(
+            "SELECT session_id, position FROM llm_message GROUP BY session_id, position HAVING COUNT(*) > 1"
+        )
+        assert cursor.fetchall() == [], "two messages at one position"
+        counts = {}
+        for table in TABLES:
+            cursor.execute(f"SELECT COUNT(*) FROM {table}")
+            counts[table] = cursor.fetchone()[0]
+    return counts
+
+
+def assert_untouched(env: dict[str, str], killed: str, before: dict[str, list[Any]], killed_messages: int) -> None:
+    """Every row but the killed session's is as it was; the counts are those rows plus its own."""
+    after = snapshot(env, killed)
+    for table in TABLES:
+        was = {dict(row)["id"]: dict(row) for row in before[table]}
+        now = {dict(row)["id"]: dict(row) for row in after[table]}
+        changed = {
+            pk: {column: (value, now[pk].get(column)) for column, value in row.items() if now[pk].get(column) != value}
+            for pk, row in was.items() if pk in now and now[pk] != row
+        }
+        lost, new = sorted(was.keys() - now.keys(), key=str), sorted(now.keys() - was.keys(), key=str)
+        assert not (changed or lost or new), f"{table}: changed (before, after) {changed}, lost {lost}, new {new}"
+    counts = check_integrity(env)
+    assert counts == {
+        "llm_session": len(before["llm_session"]) + 1,
+        "llm_message": len(before["llm_message"]) + killed_messages,
+        "auth_user": len(before["auth_user"]),
+    }, counts
 
 
 async def test_sigkill_mid_stream_then_restart(tmp_path: Path) -> None:
     ids: list[str] = []
     with servers.fake_upstream(tmp_path) as upstream:
-        env = project_env(
+        shared = project_env(
             tmp_path, LM_STUDIO_BASE_URL=upstream, LM_STUDIO_DEFAULT_MODEL="fake-model", LLM_MAX_TOKENS="5000",
             LLM_STREAM_IDLE_TIMEOUT="1", LLM_MAX_RETRIES="0", LLM_RETRY_DELAY="0",
         )
-        try:
+        with own_database(shared) as env:
             await _kill_and_restart(env, tmp_path, ids)
-        finally:
-            if env["DATABASE_URL"].startswith("postgres"):
-                await asyncio.to_thread(delete_sessions, env, ids)
 
 
 async def _kill_and_restart(env: dict[str, str], tmp_path: Path, ids: list[str]) -> None:
     # 1. A first server: sessions that end normally, then one killed mid-stream. --------------
     with servers.daphne_process(env, tmp_path) as (base, pid):
+        servers.manage(env | {"DJANGO_SUPERUSER_PASSWORD": uuid.uuid4().hex}, "createsuperuser", "--noinput",
+                       "--username", KEEPER, "--email", "keeper@example.com")
         async with httpx.AsyncClient(base_url=base, timeout=10) as http:
             before = await _finished_sessions(base, http, ids)
 
@@ -142,6 +246,10 @@ async def _kill_and_restart(env: dict[str, str], tmp_path: Path, ids: list[str])
             assert during["status"] == "streaming", during
             assert reply(during), f"nothing autosaved after {SAVE_INTERVAL + 0.8:g} s: {during['messages']}"
 
+            rows = await asyncio.to_thread(snapshot, env, slow_id)
+            assert len(rows["llm_session"]) == len(before)
+            assert len(rows["llm_message"]) == sum(len(stored["messages"]) for stored in before.values())
+            assert [dict(user)["username"] for user in rows["auth_user"]] == [KEEPER]
             killed_at = time.perf_counter()
             os.kill(pid, signal.SIGKILL)
         # The rest of what the server wrote before it died, then the dropped connection.
@@ -156,10 +264,7 @@ async def _kill_and_restart(env: dict[str, str], tmp_path: Path, ids: list[str])
         assert ws.close_code != 1000, "the socket closed cleanly: was the server killed?"
     # Leaving the block reaped the killed process: its pid is free, as after a real crash.
 
-    if not env["DATABASE_URL"].startswith("postgres"):
-        database = tmp_path / "db.sqlite3"
-        with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
-            assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    await asyncio.to_thread(check_integrity, env)  # sound straight after the kill, before any recovery
 
     # 2. A new server on the same database: recovery runs before its first request. ----------
     with servers.daphne_process(env, tmp_path) as (base, _pid):
@@ -187,6 +292,9 @@ async def _kill_and_restart(env: dict[str, str], tmp_path: Path, ids: list[str])
             print(f"killed {behind:.2f} s after the last saved token; "
                   f"{len(stored_tokens)} tokens stored, {len(got_tokens)} received")
 
+            # Read straight from the database: the recovery touched the killed session alone.
+            await asyncio.to_thread(assert_untouched, env, slow_id, rows, 2)
+
             for session_id, stored in before.items():
                 assert await session(http, session_id) == stored, f"session {session_id} changed"
 
@@ -206,6 +314,7 @@ async def _kill_and_restart(env: dict[str, str], tmp_path: Path, ids: list[str])
             ]
             for session_id, stored in before.items():  # still untouched
                 assert await session(http, session_id) == stored, f"session {session_id} changed"
+            await asyncio.to_thread(assert_untouched, env, slow_id, rows, 4)  # continuing wrote its own rows only
 
 
 async def _finished_sessions(base: str, http: httpx.AsyncClient, ids: list[str]) -> dict[str, dict[str, Any]]:

@@ -11,6 +11,7 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterator
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -38,7 +39,7 @@ if not os.path.exists(CHROMIUM):
         allow_module_level=True,
     )
 
-from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, Page, Request, WebSocket, expect, sync_playwright  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +238,45 @@ def test_the_page_loads_nothing_from_other_hosts(page: Page, down_site: str) -> 
     page.goto(down_site + "/playground/")
     page.wait_for_load_state("networkidle")
     assert requested and all(url.startswith(down_site) or url.startswith("ws://127.0.0.1") for url in requested)
+
+
+def test_the_token_travels_only_as_a_header_and_on_the_socket(page: Page, slow_site: str) -> None:
+    """What a proxy logs is URLs: the token must be in none but the WebSocket's (`?token=`, the
+    only place a browser socket can carry it), and go as `Authorization: Bearer` over HTTP."""
+    requests: list[Request] = []
+    sockets: list[WebSocket] = []
+    page.on("request", lambda request: requests.append(request))
+    page.on("websocket", lambda socket: sockets.append(socket))
+
+    page.goto(slow_site + "/playground/")  # its model list is fetched as it loads, without a token
+    typed = len(requests)
+    use_token(page)  # reconnects with the token and reloads the model list with it
+    send(page, "Hi")
+    page.wait_for_function("document.querySelector('#messages li.assistant .text').textContent.length > 20")
+    page.click("#stop")
+    expect(page.locator("#finish-reason")).to_have_text("cancelled")
+    session_id = page.locator("#session").inner_text()
+    page.goto(f"{slow_site}/playground/?watch={session_id}")  # the token comes from sessionStorage
+    expect(page.locator("#watch-status")).to_have_text("cancelled")
+    page.wait_for_load_state("networkidle")
+
+    forms = {TOKEN, quote(TOKEN, safe=""), f"Bearer {TOKEN}"}
+    assert requests, "no request recorded"
+    for request in requests:
+        if request.url.startswith(("ws://", "wss://")):
+            continue  # the socket's own handshake, checked below
+        assert not any(form in request.url for form in forms), f"the token is in the URL {request.url}"
+        for name, value in request.all_headers().items():  # e.g. a Referer carrying the page URL
+            assert name == "authorization" or TOKEN not in value, f"the token is in {name}: {request.url}"
+
+    # Once the token is entered, every API request carries it: after typing it, and on the
+    # watch page (which takes it from sessionStorage).
+    api = [r for r in requests[typed:] if r.resource_type in ("fetch", "xhr") and "/api/v1/" in r.url]
+    assert len(api) >= 2, [r.url for r in requests]
+    for request in api:
+        assert request.all_headers().get("authorization") == f"Bearer {TOKEN}", (request.url, request.all_headers())
+
+    socket_urls = [ws.url for ws in sockets]
+    assert socket_urls and all(url.startswith("ws://") for url in socket_urls), socket_urls
+    assert any(url.endswith(f"/ws/llm/stream/?token={quote(TOKEN, safe='')}") for url in socket_urls), socket_urls
+    assert TOKEN not in page.url

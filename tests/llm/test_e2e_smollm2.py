@@ -6,8 +6,10 @@ no default model, so the model is the one the server lists first, as in producti
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import time
 import uuid
 from typing import Any
 
@@ -71,6 +73,45 @@ async def test_stream_a_real_completion(smollm2: str) -> None:
     assert usage["completion_tokens"] >= 1
     assert usage["prompt_tokens"] >= 1
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+async def test_two_concurrent_streams_both_finish(smollm2: str) -> None:
+    """The second stream starts while the first is mid-reply; both end with `done` and a real finish
+    reason. llama.cpp's server, unless started with `--interrupt_requests false`, cuts the running
+    stream when another request arrives: `[DONE]` without a finish reason, LLM_BAD_GATEWAY here."""
+    story = [{"role": "user", "content": "Write a long story about a dragon and a knight."}]
+    first_is_streaming = asyncio.Event()
+    second_began: list[float] = []
+    arrivals: dict[str, list[tuple[float, dict[str, Any]]]] = {"first": [], "second": []}
+
+    async def stream(name: str) -> None:
+        if name == "second":
+            await first_is_streaming.wait()
+        response = await generate(stream=True, messages=story, max_tokens=64)
+        assert response.status_code == 200
+        if name == "second":
+            second_began.append(time.monotonic())  # its upstream requests go out from here
+        async for part in response.streaming_content:
+            for line in part.decode().splitlines():
+                if line.startswith("data: "):
+                    frame = json.loads(line[len("data: "):])
+                    arrivals[name].append((time.monotonic(), frame))
+                    if frame["type"] == "token":
+                        first_is_streaming.set()
+
+    async with asyncio.timeout(90):
+        await asyncio.gather(stream("first"), stream("second"))
+
+    for name, timed in arrivals.items():
+        frames = [frame for _, frame in timed]
+        assert frames[0]["type"] == "start", (name, frames)
+        assert frames[-1]["type"] == "done", (name, frames)
+        assert frames[-1]["finish_reason"] in ("stop", "length"), (name, frames)
+        assert [frame["type"] for frame in frames[1:-1]].count("token") >= 1, (name, frames)
+    # They overlapped: the first kept streaming after the second had gone upstream.
+    [began] = second_began
+    tokens_after = [f for at, f in arrivals["first"] if at > began and f["type"] == "token"]
+    assert len(tokens_after) >= 3, arrivals["first"]
 
 
 async def test_json_real_completion(smollm2: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from django.conf import settings
@@ -26,6 +27,11 @@ class Command(BaseCommand):
     def handle(self, *args: Any, host: str | None, port: int | None, **options: Any) -> None:
         # The settings' values only here, after the system checks (llm.E003 for a bad PORT).
         host, port = host or settings.SERVE_HOST, port or settings.SERVE_PORT
+        # A console that is not a terminal (docker, systemd, `make run | tee`) would otherwise hold
+        # these lines and daphne's access log in a block buffer until exit.
+        reconfigure = getattr(sys.stdout, "reconfigure", None)
+        if callable(reconfigure):
+            reconfigure(line_buffering=True)
         model = self._start_local_model()
         try:
             from daphne.cli import CommandLineInterface

@@ -1,16 +1,20 @@
 """Persistence of generations: open (create or continue) a session, and close it.
 
-Writes go through `database_sync_to_async` (one transaction each), never per token: while a
-reply streams, `llm.autosave` saves it every few seconds; it is stored whole at the end.
+Writes go through `database_sync_to_async`, never per token: new sessions that start together
+are created in one transaction; while a reply streams, `llm.autosave` saves it every few seconds;
+it is stored whole at the end.
 `recover_interrupted()` marks sessions whose process died as `interrupted`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import os
 import socket
 import uuid
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone as dt_timezone
 from typing import TYPE_CHECKING
@@ -53,48 +57,132 @@ class OpenedSession:
     reply_position: int
 
 
-@database_sync_to_async
-def open_session(
+async def open_session(
     session_id: str, messages: list[MessageDict], provider: str, *, create: bool
 ) -> OpenedSession:
     """Create the session `session_id`, or claim a stored one for a new turn; store the messages.
 
     Returns the whole conversation to send upstream (stored history first).
     """
+    if create:
+        return await _creator().create(session_id, messages, provider)
+    return await _continue_session(session_id, messages, provider)
+
+
+@database_sync_to_async
+def _continue_session(session_id: str, messages: list[MessageDict], provider: str) -> OpenedSession:
     now = timezone.now()
     with transaction.atomic():
-        if create:
-            session = Session.objects.create(pk=session_id, provider=provider, worker=worker_id(), updated_at=now)
-            history: list[MessageDict] = []
-            start = 0
-        else:
-            # Free to continue unless another reply streams; one whose process stopped saving
-            # long ago (killed on another host) is taken over.
-            claimed = (
-                Session.objects.filter(pk=session_id)
-                .filter(~Q(status=Session.Status.STREAMING) | Q(updated_at__lt=now - STALE_AFTER))
-                .update(
-                    status=Session.Status.STREAMING, provider=provider, tried=[], worker=worker_id(), updated_at=now,
-                    finish_reason="", error_code="", error_message="", prompt_tokens=None,
-                    completion_tokens=None, usage_estimated=False, first_token_at=None,
-                    finished_at=None, ttft_ms=None, tokens_per_second=None,
-                )
+        # Free to continue unless another reply streams; one whose process stopped saving long
+        # ago (killed on another host) is taken over.
+        claimed = (
+            Session.objects.filter(pk=session_id)
+            .filter(~Q(status=Session.Status.STREAMING) | Q(updated_at__lt=now - STALE_AFTER))
+            .update(
+                status=Session.Status.STREAMING, provider=provider, tried=[], worker=worker_id(), updated_at=now,
+                finish_reason="", error_code="", error_message="", prompt_tokens=None,
+                completion_tokens=None, usage_estimated=False, first_token_at=None,
+                finished_at=None, ttft_ms=None, tokens_per_second=None,
             )
-            if not claimed:
-                if Session.objects.filter(pk=session_id).exists():
-                    raise GenerationInProgress(f"Session {session_id} is already generating a reply")
-                raise SessionNotFound(f"Session {session_id} does not exist")
-            session = Session.objects.get(pk=session_id)
-            history = [
-                {"role": role, "content": content}
-                for role, content in session.messages.order_by("position").values_list("role", "content")
-            ]
-            start = (session.messages.aggregate(last=Max("position"))["last"] or -1) + 1
+        )
+        if not claimed:
+            if Session.objects.filter(pk=session_id).exists():
+                raise GenerationInProgress(f"Session {session_id} is already generating a reply")
+            raise SessionNotFound(f"Session {session_id} does not exist")
+        session = Session.objects.get(pk=session_id)
+        history: list[MessageDict] = [
+            {"role": role, "content": content}
+            for role, content in session.messages.order_by("position").values_list("role", "content")
+        ]
+        start = (session.messages.aggregate(last=Max("position"))["last"] or -1) + 1
         Message.objects.bulk_create(
             Message(session=session, position=start + i, role=m["role"], content=m["content"], created_at=now)
             for i, m in enumerate(messages)
         )
     return OpenedSession(str(session.pk), history, start + len(messages))
+
+
+class _Creator:
+    """The new sessions of one event loop, written together: all that arrive while a write runs
+    go in the next one, one transaction and two inserts, so a hundred clients starting at once
+    cost the database thread (and the GIL the event loop needs) about what one does."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[str, list[MessageDict], str, asyncio.Future[OpenedSession]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def create(self, session_id: str, messages: list[MessageDict], provider: str) -> asyncio.Future[OpenedSession]:
+        future: asyncio.Future[OpenedSession] = asyncio.get_running_loop().create_future()
+        self._pending.append((session_id, messages, provider, future))
+        if self._task is None or self._task.done():
+            # A context of its own, as the autosave's: not the thread of the request that came first.
+            self._task = asyncio.create_task(self._write_pending(), context=contextvars.Context())
+        return future
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            rows = [(sid, messages, provider) for sid, messages, provider, _ in batch]
+            try:
+                failures = await _create_sessions(rows)
+            except Exception as exc:  # the database itself failed: every one of them did
+                failures = [exc] * len(batch)
+            for (sid, messages, _, future), failure in zip(batch, failures, strict=True):
+                if future.done():
+                    continue
+                if failure is None:
+                    future.set_result(OpenedSession(sid, [], len(messages)))
+                else:
+                    future.set_exception(failure)
+
+
+@database_sync_to_async
+def _create_sessions(rows: list[tuple[str, list[MessageDict], str]]) -> list[Exception | None]:
+    """Create the sessions and their messages; per row, the error that kept it out (or None).
+
+    All in one transaction; should it fail, each row is tried alone, so one bad row (a session id
+    taken) never keeps the others out."""
+    try:
+        with transaction.atomic():
+            _insert_sessions(rows)
+        return [None] * len(rows)
+    except Exception:
+        if len(rows) == 1:
+            raise
+    failures: list[Exception | None] = []
+    for row in rows:
+        try:
+            with transaction.atomic():
+                _insert_sessions([row])
+            failures.append(None)
+        except Exception as exc:
+            failures.append(exc)
+    return failures
+
+
+def _insert_sessions(rows: list[tuple[str, list[MessageDict], str]]) -> None:
+    now = timezone.now()
+    worker = worker_id()
+    Session.objects.bulk_create(
+        Session(pk=sid, provider=provider, worker=worker, created_at=now, updated_at=now)
+        for sid, _, provider in rows
+    )
+    Message.objects.bulk_create(
+        Message(session_id=sid, position=i, role=m["role"], content=m["content"], created_at=now)
+        for sid, messages, _ in rows
+        for i, m in enumerate(messages)
+    )
+
+
+_creators: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Creator] = weakref.WeakKeyDictionary()
+
+
+def _creator() -> _Creator:
+    loop = asyncio.get_running_loop()
+    creator = _creators.get(loop)
+    if creator is None:
+        creator = _creators[loop] = _Creator()
+    return creator
 
 
 @database_sync_to_async

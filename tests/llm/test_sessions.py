@@ -10,6 +10,7 @@ import asyncio
 import json
 import socket
 import time
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -214,6 +215,48 @@ async def test_a_session_whose_end_cannot_be_stored_is_not_left_streaming(
     session = await only_session()
     assert session.status == Session.Status.FAILED
     assert session.error_code == "INTERNAL_ERROR" and session.finished_at is not None
+
+
+# New sessions: created together -----------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_sessions_starting_together_are_created_in_one_write(
+    upstream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty clients at once: a handful of transactions, not twenty (each holds the one database
+    thread, and the GIL the event loop needs to relay tokens)."""
+    writes: list[int] = []
+    real = llm.sessions._create_sessions
+
+    async def counting(rows: list[Any]) -> Any:
+        writes.append(len(rows))
+        return await real(rows)
+
+    monkeypatch.setattr(llm.sessions, "_create_sessions", counting)
+    responses = await asyncio.gather(*(generate({"messages": CONVERSATION}) for _ in range(20)))
+    assert [r.status_code for r in responses] == [200] * 20
+    assert sum(writes) == 20 and len(writes) <= 3, writes
+    assert await Session.objects.filter(status=Session.Status.COMPLETED).acount() == 20
+    assert await Message.objects.acount() == 20 * 3
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_one_session_that_cannot_be_created_keeps_no_other_out() -> None:
+    taken = await Session.objects.acreate(provider="lm_studio", status=Session.Status.COMPLETED)
+    fresh = str(uuid.uuid4())
+    opened = await asyncio.gather(
+        llm.sessions.open_session(str(taken.pk), [{"role": "user", "content": "a"}], "lm_studio", create=True),
+        llm.sessions.open_session(fresh, [{"role": "user", "content": "b"}], "lm_studio", create=True),
+        return_exceptions=True,
+    )
+    assert isinstance(opened[0], Exception)  # its id is taken
+    assert opened[1] == llm.sessions.OpenedSession(fresh, [], 1)
+    session = await Session.objects.aget(pk=fresh)
+    assert session.status == Session.Status.STREAMING
+    assert [m.content async for m in session.messages.all()] == ["b"]
+    await taken.arefresh_from_db()
+    assert await taken.messages.acount() == 0 and taken.status == Session.Status.COMPLETED
 
 
 # Writes: every SAVE_INTERVAL, not per token ----------------------------------------------------

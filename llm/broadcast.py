@@ -53,8 +53,9 @@ class Broadcaster:
             # The default prefix: channels-redis polls one key per process for all such channels.
             self._channel = await self.layer.new_channel()
             await self.layer.group_add(control_group(self.session_id), self._channel)
-        except Exception:
-            logger.exception("session %s cannot be watched: the channel layer failed", self.session_id)
+        except Exception as exc:  # one line per generation while Redis is down, not a traceback
+            logger.warning("session %s cannot be watched: the channel layer failed (%s: %s)",
+                           self.session_id, type(exc).__name__, exc)
             self._channel = None
             return
         self._listener = asyncio.create_task(self._listen())

@@ -12,6 +12,7 @@ from contextlib import aclosing
 from typing import Any
 
 import orjson
+from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from pydantic import ValidationError
@@ -38,6 +39,8 @@ from .sessions import stored_reply
 logger = logging.getLogger("llm.consumers")
 
 FRAMES = {"generate": GenerateFrame, "cancel": CancelFrame, "watch": WatchFrame}
+# Channel-layer messages a watching socket relays (`llm_frame`, `llm_snapshot`).
+RELAYED = frozenset({"llm.frame", "llm.snapshot"})
 # A watcher asks the generating process for its snapshot this often, and after this long with
 # no answer shows what the database holds (the process may have died, or just finished).
 WATCH_RETRY = 0.5
@@ -87,6 +90,16 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
             kind = content.get("type") if isinstance(content, dict) else None
             logger.exception("a %s frame failed", kind[:50] if isinstance(kind, str) else type(kind).__name__)
             await self._send_error(InternalError("The server failed on this frame; the error is logged"))
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        # channels closes stale database connections, on the one thread all sockets' ORM calls
+        # share, before every message. Frames relayed to a watcher never touch the database: for
+        # them that hop (once per token, queued behind every write of the worker) is skipped, so
+        # a busy database thread cannot make a reading watcher overflow its queue.
+        if message["type"] in RELAYED:
+            await getattr(self, get_handler_name(message))(message)
+        else:
+            await super().dispatch(message)
 
     async def disconnect(self, code: int) -> None:
         if self.task is not None and not self.task.done():

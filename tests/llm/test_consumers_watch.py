@@ -151,10 +151,10 @@ async def test_watcher_leaving_does_not_disturb_the_generation(upstream: FakeUps
     await a.disconnect()
 
 
-async def test_seam_is_exact_however_the_layer_orders_snapshot_and_frames(upstream: FakeUpstream) -> None:
-    """Plays the generating process of another worker: live frames reach the watcher before its
-    snapshot (they must wait), some of them already inside the snapshot (dropped), one stale frame
-    after it (dropped), then the rest; the watcher shows the reply exactly once."""
+async def watch_played_by_hand() -> tuple[str, Any, str, Any, dict[str, Any]]:
+    """A streaming session whose generating process (on another worker) the test plays, and a
+    socket that watches it: (session id, layer, the process's control channel, the watcher's
+    socket, the watcher's snapshot request)."""
     session = await Session.objects.acreate(provider="lm_studio", status=Session.Status.STREAMING)
     session_id = str(session.pk)
     layer = get_channel_layer()
@@ -163,6 +163,14 @@ async def test_seam_is_exact_however_the_layer_orders_snapshot_and_frames(upstre
     b = await open_socket()
     await b.send_json_to({"type": "watch", "session_id": session_id})
     request = await asyncio.wait_for(layer.receive(control), timeout=2)
+    return session_id, layer, control, b, request
+
+
+async def test_seam_is_exact_however_the_layer_orders_snapshot_and_frames(upstream: FakeUpstream) -> None:
+    """Plays the generating process of another worker: live frames reach the watcher before its
+    snapshot (they must wait), some of them already inside the snapshot (dropped), one stale frame
+    after it (dropped), then the rest; the watcher shows the reply exactly once."""
+    session_id, layer, control, b, request = await watch_played_by_hand()
     assert request["type"] == "llm.watch" and request["reply_to"]
 
     def token(offset: int, text: str) -> dict[str, Any]:
@@ -193,14 +201,7 @@ async def test_seam_is_exact_however_the_layer_orders_snapshot_and_frames(upstre
 async def test_a_watcher_that_missed_frames_is_dropped_with_watch_lagged(upstream: FakeUpstream) -> None:
     """A full watcher queue makes the layer skip frames for it: the gap in offsets shows it, and
     the watcher gets WATCH_LAGGED instead of a reply with a hole in it; its socket stays usable."""
-    session = await Session.objects.acreate(provider="lm_studio", status=Session.Status.STREAMING)
-    session_id = str(session.pk)
-    layer = get_channel_layer()
-    control = await layer.new_channel()
-    await layer.group_add(control_group(session_id), control)
-    b = await open_socket()
-    await b.send_json_to({"type": "watch", "session_id": session_id})
-    request = await asyncio.wait_for(layer.receive(control), timeout=2)
+    session_id, layer, control, b, request = await watch_played_by_hand()
     await layer.send(request["reply_to"], {"type": "llm.snapshot", "session_id": session_id,
                                            "status": "streaming", "text": "ab", "offset": 2})
     group = frames_group(session_id)
@@ -223,14 +224,7 @@ async def test_a_watcher_that_missed_frames_is_dropped_with_watch_lagged(upstrea
 async def test_a_gap_among_frames_buffered_before_the_snapshot_ends_the_watch_once(upstream: FakeUpstream) -> None:
     """Frames that came before the snapshot wait for it; once a gap among them ends the watch,
     the rest of them (later tokens, the end frame) are not sent, nor more lag errors."""
-    session = await Session.objects.acreate(provider="lm_studio", status=Session.Status.STREAMING)
-    session_id = str(session.pk)
-    layer = get_channel_layer()
-    control = await layer.new_channel()
-    await layer.group_add(control_group(session_id), control)
-    b = await open_socket()
-    await b.send_json_to({"type": "watch", "session_id": session_id})
-    request = await asyncio.wait_for(layer.receive(control), timeout=2)
+    session_id, layer, control, b, request = await watch_played_by_hand()
     group = frames_group(session_id)
     frame = {"type": "llm.frame", "session_id": session_id}
     await layer.group_send(group, frame | {"frame": {"type": "token", "text": "cd"}, "offset": 2})

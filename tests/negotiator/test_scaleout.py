@@ -9,7 +9,6 @@ template, copied for each two-worker cluster (the main one, and one with a rate 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import os
@@ -22,7 +21,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -34,6 +32,7 @@ import redis
 import websockets
 
 from tests import servers
+from tests.raw_websocket import logged_at, open_stalled_socket, server_frames
 
 PG_URL = os.environ.get("SCALEOUT_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("SCALEOUT_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -218,44 +217,6 @@ def flood_frame(**fields: Any) -> str:
                        "messages": [{"role": "user", "content": "Hi"}], **fields})
 
 
-def open_stalled_socket(base: str, session_id: str) -> socket.socket:
-    """A WebSocket handshake by hand on a socket with a tiny receive buffer: it sends `watch`,
-    then never reads, so the server's send buffer for it can only grow."""
-    host, port = base.removeprefix("http://").split(":")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect((host, int(port)))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET /ws/llm/stream/ HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert b" 101 " in head.split(b"\r\n")[0], head
-    payload = json.dumps({"type": "watch", "session_id": session_id}).encode()
-    mask = os.urandom(4)
-    sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-    return sock
-
-
-def server_frames(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """(opcode, payload) of each complete unmasked frame the server sent."""
-    at = 0
-    while at + 2 <= len(data):
-        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
-        at += 2
-        if length == 126:
-            length, at = struct.unpack("!H", data[at:at + 2])[0], at + 2
-        elif length == 127:
-            length, at = struct.unpack("!Q", data[at:at + 8])[0], at + 8
-        if at + length > len(data):
-            return
-        yield opcode, data[at:at + length]
-        at += length
-
-
 async def drain(sock: socket.socket, quiet: float = 3) -> tuple[bytes, str]:
     """Read what the server still sends on `sock`, as fast as it comes: (bytes, how it ended:
     "closed", "reset", or "open" when nothing came for `quiet` seconds)."""
@@ -273,11 +234,6 @@ async def drain(sock: socket.socket, quiet: float = 3) -> tuple[bytes, str]:
         if not chunk:
             return received, "closed"
         received += chunk
-
-
-def logged_at(line: str) -> float:
-    """The time of a log line (`2026-12-01 08:05:50,957 ...`), in seconds since the epoch."""
-    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
 async def test_a_watcher_that_stops_reading_is_cut_and_slows_neither_the_generator_nor_other_watchers(
@@ -315,7 +271,7 @@ async def test_a_watcher_that_stops_reading_is_cut_and_slows_neither_the_generat
             generating = asyncio.create_task(read_until_end(generator))  # read A at once, all along
             watch = json.dumps({"type": "watch", "session_id": start["session_id"]})
             # Three watchers on B: one never reads, one leaves abruptly, one reads normally.
-            stalled = await asyncio.to_thread(open_stalled_socket, worker_b, start["session_id"])
+            stalled = await asyncio.to_thread(open_stalled_socket, worker_b, {"type": "watch", "session_id": start["session_id"]})
             cutting = asyncio.create_task(read_once_cut(stalled))
             vanished = await websockets.connect(ws_url(worker_b))
             reader = await websockets.connect(ws_url(worker_b), max_size=None)

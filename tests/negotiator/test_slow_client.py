@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
-import socket
-import struct
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -18,6 +13,7 @@ import pytest
 import websockets
 
 from tests import servers
+from tests.raw_websocket import close_code, logged_at, open_stalled_socket
 
 LIMIT = 64 * 1024
 # For the client that stops reading: 80 MB at about 4 MB/s, a rate that fills any buffer in about
@@ -40,45 +36,6 @@ def rss_kib(pid: int) -> int:
     return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
 
 
-def open_raw_socket(base: str) -> socket.socket:
-    """A WebSocket handshake by hand on a socket with a tiny receive buffer, which then never reads."""
-    host, port = base.removeprefix("http://").split(":")
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.connect((host, int(port)))
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET /ws/llm/stream/ HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert b" 101 " in head.split(b"\r\n")[0], head
-    payload = json.dumps({"type": "generate", "model": FLOOD, "messages": [{"role": "user", "content": "Hi"}]}).encode()
-    mask = os.urandom(4)
-    size = len(payload)
-    header = bytes([0x81]) + (bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + struct.pack("!H", size))
-    sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-    return sock
-
-
-def close_code(data: bytes) -> int | None:
-    """The code of the close frame among the server's (unmasked) frames, if one arrived."""
-    at = 0
-    while at + 2 <= len(data):
-        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
-        at += 2
-        if length == 126:
-            length, at = struct.unpack("!H", data[at:at + 2])[0], at + 2
-        elif length == 127:
-            length, at = struct.unpack("!Q", data[at:at + 8])[0], at + 8
-        if opcode == 0x8 and at + 2 <= len(data):
-            return struct.unpack("!H", data[at:at + 2])[0]
-        at += length
-    return None
-
-
 async def normal_stream(base: str) -> tuple[float, str]:
     async with websockets.connect(base.replace("http://", "ws://") + "/ws/llm/stream/", max_size=None) as ws:
         started = time.perf_counter()
@@ -99,7 +56,7 @@ async def test_a_client_that_stops_reading_is_cut_and_slows_no_one(site: tuple[s
     cancelled_before = await cancelled_count(base)  # on PostgreSQL the database outlives the run
 
     # Other clients stream as fast as alone while the slow one is being filled and cut.
-    slow = open_raw_socket(base)
+    slow = open_stalled_socket(base, {"type": "generate", "model": FLOOD, "messages": [{"role": "user", "content": "Hi"}]})
     durations = [await normal_stream(base) for _ in range(3)]
     assert all(end == "done" for _, end in durations)
     assert max(duration for duration, _ in durations) < alone * 3 + 0.5, (durations, alone)
@@ -119,7 +76,7 @@ async def test_a_client_that_stops_reading_is_cut_and_slows_no_one(site: tuple[s
             break
         await asyncio.sleep(0.1)
     assert await cancelled_count(base) > cancelled_before, "the slow client's generation was not stored as cancelled"
-    cut, closed = logged_at(log, "reads too slowly"), logged_at(log, "outcome=closed-by-caller")
+    cut, closed = logged(log, "reads too slowly"), logged(log, "outcome=closed-by-caller")
     assert 0 <= closed - cut < 0.05, (cut, closed)  # milliseconds: the app is told at the cut
 
     # Reading now: what was queued for it, then the close frame (4008), unless the server already
@@ -142,11 +99,9 @@ async def test_a_client_that_stops_reading_is_cut_and_slows_no_one(site: tuple[s
     assert close_code(received) == 4008 or reset
 
 
-def logged_at(log: Path, text: str) -> float:
-    """The time of the first log line holding `text` (`2026-12-01 08:05:50,957 ...`), in seconds."""
-    line = next(line for line in log.read_text(errors="replace").splitlines() if text in line)
-    stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
-    return stamp.timestamp()
+def logged(log: Path, text: str) -> float:
+    """The time of the first log line holding `text`, in seconds since the epoch."""
+    return logged_at(next(line for line in log.read_text(errors="replace").splitlines() if text in line))
 
 
 async def cancelled_count(base: str) -> int:

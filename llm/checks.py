@@ -5,16 +5,18 @@ Each message names the environment variable and says how to fix it.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
 
-from .conf import llm_settings
+from .conf import llm_settings, provider_chain
 
 # Which environment variable sets each provider option (for messages users can act on).
 ENV_NAMES = {
@@ -95,6 +97,41 @@ def check_base_urls(**kwargs: Any) -> list[CheckMessage]:
                     id="llm.E002",
                 )
             )
+    return errors
+
+
+def check_proxies(**kwargs: Any) -> list[CheckMessage]:
+    """The proxy each provider in use would be reached through (HTTPS_PROXY and the like), if any."""
+    from .providers.network import environment_proxy
+
+    errors: list[CheckMessage] = []
+    known = llm_settings()["PROVIDERS"]
+    for alias in (alias for alias in provider_chain() if alias in known):
+        url = known[alias].get("CONFIG", {}).get("base_url", "")
+        try:
+            proxy = environment_proxy(url)
+        except Exception:  # a base URL that is no URL: llm.E002 says so
+            continue
+        if proxy is None:
+            continue
+        try:
+            scheme = httpx.Proxy(proxy).url.scheme
+        except ValueError:
+            scheme = None
+        if scheme is None:
+            problem = "is not an http, https or socks5 URL"
+        elif scheme.startswith("socks") and importlib.util.find_spec("socksio") is None:
+            problem = "is a SOCKS proxy, and the socksio package is not installed"
+        else:
+            continue
+        error = Error(
+            f"The proxy for provider {alias!r}, {proxy!r} (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY), {problem}.",
+            hint="Set it to a URL like http://proxy.example.com:3128 (for SOCKS, install httpx[socks]), "
+            "or list the provider's host in NO_PROXY.",
+            id="llm.E010",
+        )
+        if error not in errors:
+            errors.append(error)
     return errors
 
 
@@ -225,7 +262,10 @@ def check_api_token(**kwargs: Any) -> list[CheckMessage]:
     ]
 
 
-ALL_CHECKS = (check_provider, check_base_urls, check_numbers, check_openrouter_key, check_rate_limit, check_logging)
+ALL_CHECKS = (
+    check_provider, check_base_urls, check_proxies, check_numbers, check_openrouter_key, check_rate_limit,
+    check_logging,
+)
 # Run by `manage.py check --deploy`, as Django's own security checks are.
 DEPLOY_CHECKS = (check_api_token,)
 

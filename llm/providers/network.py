@@ -12,15 +12,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import urllib.request
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpcore
 import httpx
 from httpcore._utils import is_socket_readable
+from httpx._utils import URLPattern, get_environment_proxies  # httpx's own reading of *_PROXY
 
 class AsyncioStream(httpcore.AsyncNetworkStream):
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -143,15 +142,18 @@ async def closing_stream(client: httpx.AsyncClient, method: str, url: str, **kwa
         await asyncio.shield(response.aclose())
 
 
-class ReclaimingConnectionPool(httpcore.AsyncConnectionPool):
-    """httpcore's pool, also closing connections that no request owns and that are not idle.
+class _ReclaimOrphans:
+    """Also close connections that no request owns and that are not idle, whenever the pool looks
+    at its connections (any request arriving or leaving).
 
-    A request cancelled between being given a new connection and using it leaves that
-    connection in the pool for good, holding a slot (encode/httpcore#1093, unfixed in 1.0.9):
-    a relay whose clients leave early would run out of LLM_MAX_CONNECTIONS. Such a connection
-    is neither idle nor closed, and no request points at it; it is closed the next time the
-    pool looks at its connections (any request arriving or leaving).
+    A request cancelled between being given a new connection and using it leaves that connection
+    in the pool for good, holding a slot (encode/httpcore#1093, unfixed in 1.0.9): a relay whose
+    clients leave early would run out of LLM_MAX_CONNECTIONS. Such a connection is neither idle
+    nor closed, and no request points at it.
     """
+
+    _requests: list[Any]
+    _connections: list[httpcore.AsyncConnectionInterface]
 
     def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
         owned = {id(request.connection) for request in self._requests if request.connection is not None}
@@ -161,35 +163,56 @@ class ReclaimingConnectionPool(httpcore.AsyncConnectionPool):
         ]
         for connection in orphans:
             self._connections.remove(connection)
-        return orphans + super()._assign_requests_to_connections()
+        return orphans + super()._assign_requests_to_connections()  # type: ignore[misc]
+
+
+class ReclaimingConnectionPool(_ReclaimOrphans, httpcore.AsyncConnectionPool):
+    """httpcore's pool, reclaiming orphaned connections."""
+
+
+class ReclaimingHTTPProxy(_ReclaimOrphans, httpcore.AsyncHTTPProxy):
+    """httpcore's pool through an HTTP(S) proxy, reclaiming orphaned connections."""
+
+
+def asyncio_transport(
+    limits: httpx.Limits, *, verify: ssl.SSLContext | bool = True, proxy: str | None = None
+) -> httpx.AsyncHTTPTransport:
+    """httpx's transport (TLS verification, HTTP/1.1, pooling by `limits`, `proxy`) on
+    `AsyncioBackend`, its pool reclaiming orphaned connections. A SOCKS proxy keeps httpx's own."""
+    transport = httpx.AsyncHTTPTransport(limits=limits, verify=verify, proxy=proxy)
+    built = transport._pool  # the one attribute httpx builds it into
+    options: dict[str, Any] = {
+        "ssl_context": built._ssl_context,
+        "max_connections": limits.max_connections,
+        "max_keepalive_connections": limits.max_keepalive_connections,
+        "keepalive_expiry": limits.keepalive_expiry,
+        "network_backend": AsyncioBackend(),
+    }
+    if isinstance(built, httpcore.AsyncHTTPProxy):
+        transport._pool = ReclaimingHTTPProxy(
+            proxy_url=built._proxy_url, proxy_headers=built._proxy_headers,  # its auth included
+            proxy_ssl_context=built._proxy_ssl_context, **options,
+        )
+    elif type(built) is httpcore.AsyncConnectionPool:
+        transport._pool = ReclaimingConnectionPool(**options)
+    return transport
 
 
 def upstream_transport(base_url: str, limits: httpx.Limits) -> httpx.AsyncHTTPTransport:
-    """`asyncio_transport`, or httpx's own through the proxy the environment names for `base_url`
-    (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, minus `NO_PROXY`), as httpx itself would use."""
-    proxy = environment_proxy(base_url)
-    if proxy:
-        return httpx.AsyncHTTPTransport(limits=limits, proxy=proxy)
-    return asyncio_transport(limits)
+    """`asyncio_transport` for `base_url`, through the proxy the environment names for it."""
+    return asyncio_transport(limits, proxy=environment_proxy(base_url))
+
+
+# A local server (LM Studio, the bundled model) is reached directly, whatever HTTP_PROXY says.
+LOOPBACK = frozenset({"localhost", "::1"})
 
 
 def environment_proxy(url: str) -> str | None:
-    parts = urlsplit(url)
-    proxies = urllib.request.getproxies()
-    proxy = proxies.get(parts.scheme) or proxies.get("all")
-    if not proxy or urllib.request.proxy_bypass(parts.hostname or ""):
+    """The proxy httpx itself would take from the environment for `url` (`HTTPS_PROXY`,
+    `HTTP_PROXY`, `ALL_PROXY`, minus `NO_PROXY`), or None to go direct. httpx ignores these once
+    it is given a transport, so its own reading of them is applied here."""
+    target = httpx.URL(url)
+    if target.host in LOOPBACK or target.host.startswith("127."):
         return None
-    return proxy
-
-
-def asyncio_transport(limits: httpx.Limits, *, verify: ssl.SSLContext | bool = True) -> httpx.AsyncHTTPTransport:
-    """httpx's transport (TLS verification, HTTP/1.1, pooling by `limits`) on `AsyncioBackend`."""
-    transport = httpx.AsyncHTTPTransport(limits=limits, verify=verify)
-    transport._pool = ReclaimingConnectionPool(  # the one attribute httpx builds it into
-        ssl_context=transport._pool._ssl_context,
-        max_connections=limits.max_connections,
-        max_keepalive_connections=limits.max_keepalive_connections,
-        keepalive_expiry=limits.keepalive_expiry,
-        network_backend=AsyncioBackend(),
-    )
-    return transport
+    mounts = sorted((URLPattern(key), proxy) for key, proxy in get_environment_proxies().items())
+    return next((proxy for pattern, proxy in mounts if pattern.matches(target)), None)

@@ -26,6 +26,7 @@ from llm.checks import (
     check_base_urls,
     check_logging,
     check_numbers,
+    check_proxies,
     check_openrouter_key,
     check_provider,
     run_llm_checks,
@@ -523,3 +524,50 @@ def test_asgi_app_imports_with_defaults(scratch_db: str) -> None:
     result = run_entry_point(["-c", code], scratch_db)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
+
+
+# The proxy the environment names -----------------------------------------------------------------
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    return monkeypatch
+
+
+def test_e010_proxy_of_an_unknown_scheme(llm_config: Config, no_proxy_env: pytest.MonkeyPatch) -> None:
+    llm_config(lm_studio={"base_url": "http://lm-studio.internal:1234/v1"})
+    no_proxy_env.setenv("HTTP_PROXY", "ftp://proxy.example.com:21")
+    assert check_proxies() == [
+        Error(
+            "The proxy for provider 'lm_studio', 'ftp://proxy.example.com:21' (HTTPS_PROXY, HTTP_PROXY or "
+            "ALL_PROXY), is not an http, https or socks5 URL.",
+            hint="Set it to a URL like http://proxy.example.com:3128 (for SOCKS, install httpx[socks]), "
+            "or list the provider's host in NO_PROXY.",
+            id="llm.E010",
+        )
+    ]
+
+
+def test_proxies_that_work_pass(llm_config: Config, no_proxy_env: pytest.MonkeyPatch) -> None:
+    llm_config(lm_studio={"base_url": "http://lm-studio.internal:1234/v1"})
+    assert check_proxies() == []
+    no_proxy_env.setenv("HTTP_PROXY", "proxy.example.com:3128")  # no scheme: http, as httpx reads it
+    no_proxy_env.setenv("HTTPS_PROXY", "http://proxy.example.com:3128")
+    assert check_proxies() == []
+    no_proxy_env.setenv("HTTP_PROXY", "ftp://proxy.example.com:21")
+    no_proxy_env.setenv("NO_PROXY", "lm-studio.internal")  # that provider goes direct
+    assert check_proxies() == []
+
+
+def test_e010_socks_proxy_without_socksio(llm_config: Config, no_proxy_env: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("socksio") is not None:
+        pytest.skip("socksio is installed here")
+    llm_config(lm_studio={"base_url": "http://lm-studio.internal:1234/v1"})
+    no_proxy_env.setenv("ALL_PROXY", "socks5://proxy.example.com:1080")
+    assert [m.id for m in check_proxies()] == ["llm.E010"]
+    assert "socksio" in check_proxies()[0].msg

@@ -7,6 +7,7 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -147,7 +148,8 @@ async def test_tls_is_verified(certificate: tuple[Path, Path]) -> None:
 
 
 class ForwardProxy:
-    """A plain-HTTP forward proxy: takes `POST http://host:port/path`, passes it on, pipes back."""
+    """A plain-HTTP forward proxy: takes `POST http://host:port/path`, passes it on to that port
+    of 127.0.0.1 whatever the host's name, and pipes the answer back."""
 
     def __init__(self) -> None:
         self.targets: list[str] = []
@@ -158,7 +160,7 @@ class ForwardProxy:
             method, target, rest = head.split(b" ", 2)
             self.targets.append(target.decode())
             url = httpx.URL(target.decode())
-            up_reader, up_writer = await asyncio.open_connection(url.host, url.port)
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", url.port)  # any name
             up_writer.write(b" ".join([method, url.raw_path, rest]))
 
             async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
@@ -173,15 +175,20 @@ class ForwardProxy:
 
 
 async def test_the_provider_goes_through_the_environments_proxy(
-    upstream: object, monkeypatch: pytest.MonkeyPatch, close_clients: None
+    upstream: Any, llm_config: Any, monkeypatch: pytest.MonkeyPatch, close_clients: None
 ) -> None:
-    """HTTP(S)_PROXY as httpx reads it (a custom transport alone would ignore it), minus NO_PROXY."""
+    """HTTP(S)_PROXY as httpx reads it (given a transport of ours, httpx alone would ignore it),
+    minus NO_PROXY. The upstream's name resolves only at the proxy, which sends it to 127.0.0.1."""
     from llm import ChatRequest, get_provider
+    from llm.exceptions import UpstreamUnavailable
+    from llm.providers.network import ReclaimingHTTPProxy
 
     proxy = ForwardProxy()
     listener = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
     proxy_url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
-    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+    port = httpx.URL(upstream.base_url).port
+    llm_config(lm_studio={"base_url": f"http://upstream.invalid:{port}/v1", "default_model": ""}, max_retries=0)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", proxy_url)
     request = ChatRequest(messages=[{"role": "user", "content": "Hi"}])
@@ -190,11 +197,28 @@ async def test_the_provider_goes_through_the_environments_proxy(
         text = "".join([chunk.text async for chunk in provider.stream(request)])
         assert text == "Hello, world!"
         assert proxy.targets and all(t.startswith(provider.base_url) for t in proxy.targets), proxy.targets
+        # Clients that leave early cannot strand its connections either.
+        assert type(provider.client._transport._pool) is ReclaimingHTTPProxy
 
         await provider.aclose()
         seen = len(proxy.targets)
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-        text = "".join([chunk.text async for chunk in provider.stream(request)])
-        assert text == "Hello, world!" and len(proxy.targets) == seen  # straight to the upstream
+        monkeypatch.setenv("NO_PROXY", "upstream.invalid")  # direct: a name no resolver knows
+        with pytest.raises(UpstreamUnavailable):
+            async for _ in provider.stream(request):
+                pass
+        assert len(proxy.targets) == seen
     finally:
         listener.close()
+
+
+async def test_a_local_upstream_is_reached_directly_whatever_the_proxy(
+    upstream: Any, monkeypatch: pytest.MonkeyPatch, close_clients: None
+) -> None:
+    """LM Studio and the bundled model run on this machine: never through a proxy."""
+    from llm import ChatRequest, get_provider
+
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    chunks = get_provider().stream(ChatRequest(messages=[{"role": "user", "content": "Hi"}]))
+    assert "".join([chunk.text async for chunk in chunks]) == "Hello, world!"

@@ -80,7 +80,7 @@ def parse_chunk(data: str | bytes, *, provider: str | None = None) -> StreamChun
         raise BadGateway(f"Upstream sent a stream chunk that is not an object: {_shown(data)}", provider=provider)
     raise_for_error(payload, provider=provider)
 
-    chunk = StreamChunk(model=payload.get("model") or None, usage=parse_usage(payload.get("usage")))
+    chunk = StreamChunk(model=storable(payload.get("model")), usage=parse_usage(payload.get("usage")))
     choices = payload.get("choices") or []
     if choices:
         choice = choices[0]
@@ -88,10 +88,18 @@ def parse_chunk(data: str | bytes, *, provider: str | None = None) -> StreamChun
         content = delta.get("content") if isinstance(delta, dict) else None
         if content is not None and not isinstance(content, str):
             raise BadGateway("Upstream sent non-text content in its stream", provider=provider)
-        chunk.text = content or ""
+        chunk.text = storable(content) or ""
         reason = choice.get("finish_reason") or None
-        chunk.finish_reason = reason if reason is None or isinstance(reason, str) else str(reason)
+        chunk.finish_reason = storable(reason if reason is None or isinstance(reason, str) else str(reason))
     return chunk
+
+
+def storable(value: Any) -> str | None:
+    """An upstream's string as the database can store it (PostgreSQL refuses NUL in text); None
+    for what is not a string."""
+    if not isinstance(value, str) or not value:
+        return None
+    return value.replace("\x00", "\ufffd") if "\x00" in value else value
 
 
 def _shown(data: str | bytes) -> str:

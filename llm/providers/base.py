@@ -30,6 +30,7 @@ from ..streaming import (
     parse_chunk,
     parse_usage,
     raise_for_error,
+    storable,
 )
 from ..types import ChatRequest, Completion, PingResult, StreamChunk, Usage
 from .errors import status_error, transport_error
@@ -198,7 +199,7 @@ class OpenAICompatibleProvider:
             raise self._redacted(exc)
         try:
             choice = body["choices"][0]
-            content = choice["message"].get("content") or ""
+            content = storable(choice["message"].get("content")) or ""
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
             raise BadGateway(f"{self.alias} sent a completion without a message", provider=self.alias) from exc
         usage = parse_usage(body.get("usage")) or Usage.estimate(
@@ -206,9 +207,9 @@ class OpenAICompatibleProvider:
         )
         return Completion(
             provider=self.alias,
-            model=body.get("model") or model,
+            model=storable(body.get("model")) or model,
             content=content,
-            finish_reason=choice.get("finish_reason") or "stop",
+            finish_reason=storable(choice.get("finish_reason")) or "stop",
             usage=usage,
         )
 

@@ -192,6 +192,23 @@ async def test_a_finish_reason_outside_the_contract_ends_stop_and_is_stored_as_g
 
 
 @pytest.mark.django_db(transaction=True)
+async def test_nul_characters_from_the_upstream_are_stored_as_replacement_characters(upstream: Any) -> None:
+    """PostgreSQL text cannot hold NUL: one in a token (or the model's name) must not cost the
+    reply, nor the autosave of every other stream in the process."""
+    upstream.default = Reply(tokens=["a\x00b", " c"], model="fake\x00model")
+    response = await generate({"messages": CONVERSATION})
+    assert response.status_code == 200, response.content
+    assert response.json()["content"] == "a\ufffdb c"
+    streamed = await generate({"messages": CONVERSATION, "stream": True})
+    body = b"".join([part async for part in streamed.streaming_content]).decode()
+    assert '"a\\ufffdb"' in body or "a\ufffdb" in body
+    sessions = [s async for s in Session.objects.all()]
+    assert [(s.status, s.model) for s in sessions] == [("completed", "fake\ufffdmodel")] * 2
+    assert [m async for m in Message.objects.filter(role="assistant").values_list("content", flat=True)] == [
+        "a\ufffdb c"] * 2
+
+
+@pytest.mark.django_db(transaction=True)
 async def test_usage_that_is_not_a_count_is_estimated_instead(upstream: Any) -> None:
     upstream.replies.append(Reply(usage={"prompt_tokens": -1, "completion_tokens": 3, "total_tokens": 2}))
     response = await generate({"messages": CONVERSATION})

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
@@ -15,6 +14,8 @@ from urllib.parse import urlsplit
 import httpx
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
+
+from negotiator.logging import usable_log_dir
 
 from .conf import llm_settings, provider_chain
 
@@ -177,7 +178,7 @@ def check_logging(**kwargs: Any) -> list[CheckMessage]:
             )
         )
     log_dir = settings.LOG_DIR
-    if log_dir and not (os.path.isdir(log_dir) and os.access(log_dir, os.W_OK)):
+    if log_dir and not usable_log_dir(log_dir):
         errors.append(
             Error(
                 f"LOG_DIR is {log_dir!r}, a folder this process cannot create or write in.",

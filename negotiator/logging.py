@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+
+
+def usable_log_dir(path: str) -> bool:
+    """Whether `path` is a folder this process can create and write files in (LOG_DIR)."""
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
 def secrets() -> list[str]:

@@ -8,10 +8,11 @@ checks in `llm/checks.py` instead of failing here with a traceback.
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 import environ
+
+from negotiator.logging import usable_log_dir
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -233,7 +234,7 @@ LOGGING = {
 with contextlib.suppress(OSError):
     if LOG_DIR:
         Path(LOG_DIR).mkdir(parents=True, exist_ok=True)
-if LOG_DIR and os.access(LOG_DIR, os.W_OK):
+if LOG_DIR and usable_log_dir(LOG_DIR):  # else llm.E009 reports it
     LOGGING["handlers"]["file"] = {
         "class": "logging.handlers.RotatingFileHandler",
         "filename": str(Path(LOG_DIR) / "negotiator.log"),

@@ -482,6 +482,7 @@ BAD_ENV = [
     pytest.param({"DATABASE_POOL_SIZE": "many"}, "llm.E003", id="pool=many"),
     pytest.param({"LOG_LEVEL": "verbose"}, "llm.E008", id="log-level=verbose"),
     pytest.param({"LOG_DIR": "/proc/negotiator-logs"}, "llm.E009", id="log-dir=unwritable"),
+    pytest.param({"LOG_DIR": "manage.py"}, "llm.E009", id="log-dir=a-file"),
 ]
 
 

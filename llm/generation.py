@@ -15,6 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
@@ -102,7 +103,7 @@ class Failed:
 Event = Start | Token | Done | Failed
 
 
-@dataclass
+@dataclass(eq=False)  # a live object: compared, hashed and weakly held by identity
 class Generation:
     """One reply being generated and stored; its fields fill in as the stream goes."""
 
@@ -159,6 +160,7 @@ class Generation:
         """
         chain = self._provider_chain()
         self.provider = chain[0].alias
+        _running.add(self)
         create = self.session_id is None
         if create:
             self.session_id = str(uuid.uuid4())
@@ -187,6 +189,7 @@ class Generation:
                 return
             except BaseException:  # the client left while the session was being opened
                 _in_background(self._close_when_opened(opening))
+                _running.discard(self)
                 raise
         request = replace(self.request, messages=[*opened.history, *self.request.messages])
         broadcaster = Broadcaster(self.session_id, self.snapshot)
@@ -219,6 +222,7 @@ class Generation:
                 end = self._end(request)
             saver.untrack(self.session_id)
             finishing = _in_background(self._close(opening, broadcaster, position, end))
+            _running.discard(self)
             await asyncio.shield(finishing)
         yield end
 
@@ -329,6 +333,24 @@ class Generation:
 
 # Tasks that must finish even if whoever started them is cancelled (kept from garbage collection).
 _background: set[asyncio.Task[Any]] = set()
+# The generations under way in this process, for a shutdown to end first.
+_running: weakref.WeakSet[Generation] = weakref.WeakSet()
+
+
+async def stop_all(timeout: float = 5.0) -> int:
+    """End every generation under way (`cancelled`, as if its client had left) and wait, at most
+    `timeout` s, until each has stored its end: what a server does before it stops."""
+    stopping = list(_running)
+    for generation in stopping:
+        generation.cancel()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while _running and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    pending = [task for task in _background if not task.done()]
+    if pending and loop.time() < deadline:
+        await asyncio.wait(pending, timeout=deadline - loop.time())
+    return len(stopping)
 
 
 def _in_background(coroutine: Any) -> asyncio.Task[Any]:

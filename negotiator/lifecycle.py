@@ -2,7 +2,8 @@
 (uvicorn), daphne's reactor events where there is not.
 
 At start-up, sessions a dead process left `streaming` become `interrupted` (before any request
-is served); at shutdown, the providers' pooled HTTP clients are closed.
+is served); at shutdown, generations under way end `cancelled` with their text so far (not
+`interrupted` at the next start), then the providers' pooled HTTP clients are closed.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ from typing import Any
 from channels.db import database_sync_to_async
 from django.db import DatabaseError
 
+from llm.generation import stop_all
 from llm.providers import providers
 from llm.sessions import recover_interrupted
 
 logger = logging.getLogger("negotiator.lifecycle")
+
+# How long a stopping server waits for generations under way to store their end.
+SHUTDOWN_TIMEOUT = 5.0
 
 
 class StartUp:
@@ -53,8 +58,10 @@ class StartUp:
 
 
 async def shutdown() -> None:
+    """End the generations under way (stored `cancelled`), then close the providers' clients."""
+    stopped = await stop_all(timeout=SHUTDOWN_TIMEOUT)
     await providers.aclose()
-    logger.info("closed the providers' HTTP clients")
+    logger.info("stopped %d generation(s); closed the providers' HTTP clients", stopped)
 
 
 def _recover() -> None:

@@ -46,6 +46,10 @@ FALLBACK_ERRORS = (UpstreamUnavailable, UpstreamTimeout, ProviderDisabled)
 # `tool_calls`, ...) ends the reply as `stop` there, and is stored as the upstream gave it.
 FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
 
+# Storing the end of a reply is tried this many times, STORE_RETRY_DELAY * 2**attempt apart.
+STORE_ATTEMPTS = 3
+STORE_RETRY_DELAY = 0.2
+
 # Tokens are merged into one frame for at most this long, or until this many characters.
 COALESCE_DELAY = 0.01
 COALESCE_CHARS = 2048
@@ -242,15 +246,30 @@ class Generation:
         """Store the end, then tell watchers: runs to completion even if the client leaves."""
         try:
             await opening
-            await close_session(self, position)
         except Exception:
-            logger.exception("could not store the end of session %s", self.session_id)
-            with contextlib.suppress(Exception):  # never leave it `streaming` (the log has why)
-                await mark_unstored(self.session_id)
+            pass  # nothing was opened: that failure is the end, logged where it happened
+        else:
+            await self._store_end(position)
         try:
             await broadcaster.publish(end.frame())
         finally:
             await broadcaster.stop()
+
+    async def _store_end(self, position: int) -> None:
+        """`close_session`, tried again after a passing fault (a locked SQLite, a pool timeout);
+        if it never succeeds, the session is at least not left `streaming` (the log has why)."""
+        for attempt in range(STORE_ATTEMPTS):
+            try:
+                await close_session(self, position)
+                return
+            except Exception:
+                if attempt == STORE_ATTEMPTS - 1:
+                    logger.exception("could not store the end of session %s", self.session_id)
+                else:
+                    logger.warning("storing the end of session %s failed; trying again", self.session_id)
+                    await asyncio.sleep(STORE_RETRY_DELAY * 2**attempt)
+        with contextlib.suppress(Exception):
+            await mark_unstored(self.session_id)
 
     async def _close_when_opened(self, opening: asyncio.Future[OpenedSession]) -> None:
         try:

@@ -220,6 +220,27 @@ async def test_usage_that_is_not_a_count_is_estimated_instead(upstream: Any) -> 
 
 
 @pytest.mark.django_db(transaction=True)
+async def test_storing_the_end_is_tried_again_after_a_passing_fault(
+    upstream: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, calls = llm.generation.close_session, []
+
+    async def flaky(*args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("database is locked")
+        await real(*args)
+
+    monkeypatch.setattr(llm.generation, "close_session", flaky)
+    response = await generate({"messages": CONVERSATION})
+    assert response.status_code == 200, response.content
+    session = await only_session()
+    assert len(calls) == 2
+    assert session.status == Session.Status.COMPLETED
+    assert (await messages_of(session))[-1] == (2, "assistant", "Hello, world!")
+
+
+@pytest.mark.django_db(transaction=True)
 async def test_a_session_whose_end_cannot_be_stored_is_not_left_streaming(
     upstream: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -296,6 +296,10 @@ async def test_a_staff_cookie_needs_the_csrf_token_to_generate(token_set: str, u
     listed = await client.get("/api/v1/sessions")  # reading needs no CSRF token
     assert listed.status_code == 200
 
+    broken = await client.post("/api/v1/llm/generate", b"--x\r\nnonsense",
+                               content_type="multipart/form-data; boundary=")  # unreadable: no token
+    assert broken.status_code == 401 and error_of(broken)["code"] == "UNAUTHORIZED"
+
 
 async def test_a_logged_in_non_staff_user_is_401(token_set: str, upstream: Any) -> None:
     session = await make_session()

@@ -30,6 +30,7 @@ from .exceptions import (
     SessionNotFound,
     UnknownType,
     WatchLagged,
+    WatchUnavailable,
 )
 from .generation import Generation
 from .ratelimit import check_rate
@@ -198,7 +199,14 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
                 logger.warning("watch of %s: the channel layer failed (%s)", session_id, exc)
                 break
             await asyncio.sleep(WATCH_RETRY)
-        answer = _stored_answer(session_id, await stored_reply(session_id))
+        try:
+            answer = _stored_answer(session_id, await stored_reply(session_id))
+        except Exception:  # the database failed too: the watch ends with an error, not silence
+            logger.exception("watch of %s: reading the stored reply failed", session_id)
+            if self.watch.session_id == session_id:
+                await self._stop_watching()
+                await self._send_error(InternalError("The server failed on this watch; the error is logged"))
+            return
         try:
             await self.channel_layer.send(self.channel_name, answer)
         except Exception:  # no live frame can come through a broken layer either
@@ -228,6 +236,15 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
             await self._forward(message)
         if (event["status"] != "streaming" or event.get("final")) and self.watch is watch:
             await self._stop_watching()
+            if event["status"] == "streaming":  # the database says streaming, nobody streams it
+                await self._send_error(
+                    WatchUnavailable(
+                        "No live frames can be followed for this session: the process generating it "
+                        "does not answer (it may have stopped, or the channel layer is down). The "
+                        "watching frame holds what is stored; send watch again to retry."
+                    ),
+                    watch.session_id,
+                )
 
     async def llm_frame(self, event: dict[str, Any]) -> None:
         if event.get("session_id") != self.watch.session_id:

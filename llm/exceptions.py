@@ -5,6 +5,7 @@ map an error by reading ``exc.code`` / ``exc.status``, never with ``if`` chains:
 
     NegotiatorError
      ├── InternalError                 INTERNAL_ERROR         500  a bug: logged, never shown
+     ├── WatchUnavailable              WATCH_UNAVAILABLE      503  no live frames can come for a watch
      ├── LLMError                      the upstream model server or its selection
      │    ├── ProviderDisabled         LLM_PROVIDER_DISABLED  400
      │    ├── UpstreamTimeout          LLM_TIMEOUT            503  connect/read timeout, stalled stream
@@ -51,6 +52,13 @@ class InternalError(NegotiatorError):
 
     code = "INTERNAL_ERROR"
     status = 500
+
+
+class WatchUnavailable(NegotiatorError):
+    """A watched session is stored `streaming`, but no process answers for it: nothing live will come."""
+
+    code = "WATCH_UNAVAILABLE"
+    status = 503
 
 
 class LLMError(NegotiatorError):

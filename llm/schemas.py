@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from typing import Annotated
-
 from ninja import Schema
-from pydantic import AfterValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from .types import ChatRequest
 
@@ -21,6 +19,19 @@ def _no_nul(value: str) -> str:
 
 # Text that can be stored: PostgreSQL refuses NUL characters in text columns.
 Text = Annotated[StrictStr, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})]
+
+
+def _whole(value: Any) -> Any:
+    """JSON has one number type: 64.0 is the whole number 64 (as JSON Schema's `integer` says), but
+    neither 64.5, nor "64", nor true is."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+WholeNumber = Annotated[StrictInt, BeforeValidator(_whole)]
+
+
 def _one_line(value: str) -> str:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
         raise ValueError("must be one line, without control characters")
@@ -49,7 +60,7 @@ class GenerationParams(Schema):
 
     messages: list[ChatMessageIn] = Field(min_length=1, description="The conversation (or, with session_id, the new turn).")
     model: ModelName | None = Field(default=None, description="Empty: the provider's default model.")
-    max_tokens: StrictInt | None = Field(
+    max_tokens: WholeNumber | None = Field(
         default=None, ge=1, le=1_000_000, description="Empty: LLM_MAX_TOKENS."
     )
     temperature: float | None = Field(default=None, ge=0, le=2, strict=True)

@@ -116,6 +116,16 @@ def sent_payload(route: Any, index: int = -1) -> dict[str, Any]:
 # JSON replies -------------------------------------------------------------------------------
 
 
+async def test_a_whole_number_written_with_a_point_is_a_whole_number(
+    llm_config: Callable[..., Any], respx_mock: Any
+) -> None:
+    """JSON Schema's integer, which the OpenAPI document promises: 8.0 is 8 (8.5 is a 422)."""
+    route = respx_mock.post(COMPLETIONS).mock(return_value=reply("Hi"))
+    response = await post({"messages": HELLO, "max_tokens": 8.0})
+    assert response.status_code == 200, response.content
+    assert json.loads(route.calls.last.request.content)["max_tokens"] == 8
+
+
 async def test_json_reply(llm_config: Callable[..., Any], respx_mock: Any) -> None:
     route = respx_mock.post(COMPLETIONS).mock(return_value=reply("Hel", "lo", " there!"))
     response = await post({"messages": HELLO})

@@ -257,6 +257,8 @@ async def test_watch_falls_back_to_the_database_when_no_process_answers(
     watching = await _watch(b, str(session.pk))
     assert watching == {"type": "watching", "session_id": str(session.pk), "status": "streaming",
                         "text": "Half a rep"}
+    ended = await recv(b)  # no end frame will come: the watcher is told so
+    assert (ended["type"], ended["code"], ended["session_id"]) == ("error", "WATCH_UNAVAILABLE", str(session.pk))
     await generate_ok(b)
     await b.disconnect()
 
@@ -280,6 +282,7 @@ async def test_with_the_channel_layer_down_a_watch_answers_from_the_database(
     await b.send_json_to({"type": "watch", "session_id": str(session.pk)})
     assert await recv(b, timeout=2) == {"type": "watching", "session_id": str(session.pk),
                                         "status": "streaming", "text": "Half a rep"}
+    assert (await recv(b, timeout=2))["code"] == "WATCH_UNAVAILABLE"
     monkeypatch.undo()
     await generate_ok(b)  # the socket still serves
     await b.disconnect()

@@ -82,15 +82,14 @@ class Autosave:
 
     async def save(self) -> None:
         """Write what changed since the last save, and mark every tracked session alive."""
-        changed = [(sid, e.position, e.reply.text, e.saved > 0) for sid, e in self._entries.items()
-                   if e.reply.length != e.saved]
+        entries = [(sid, e, e.reply.text) for sid, e in self._entries.items() if e.reply.length != e.saved]
         alive = list(self._entries)
         if not alive:
             return
-        await _write(changed, alive)
-        for sid, _, text, _ in changed:
-            if sid in self._entries:
-                self._entries[sid].saved = len(text)
+        await _write([(sid, e.position, text, e.saved > 0) for sid, e, text in entries], alive)
+        for sid, entry, text in entries:
+            if self._entries.get(sid) is entry:  # not a new turn of it, tracked during the write
+                entry.saved = len(text)
 
 
 @database_sync_to_async

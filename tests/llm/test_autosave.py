@@ -97,3 +97,25 @@ async def test_a_late_save_never_shortens_a_stored_reply() -> None:
     await llm.autosave._write([(sid, 1, "He", False)], [sid])
     assert (await Message.objects.aget(session=session, position=1)).content == "Hello, world!"
     await sync_to_async(session.delete)()
+
+
+async def test_a_new_turn_tracked_during_a_save_is_saved_as_new(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session whose reply ends and whose next turn starts while a save is being written: the
+    new turn's row does not exist yet, so its first save must create it, not update nothing."""
+    calls: list[list[tuple[str, int, str, bool]]] = []
+    saver = Autosave()
+    first = FakeReply(parts=["first reply"])
+    second = FakeReply(session_id=first.session_id, parts=["second"])
+
+    async def writing(changed: list[tuple[str, int, str, bool]], alive: list[str]) -> None:
+        calls.append(changed)
+        if len(calls) == 1:  # meanwhile, the first turn ends and the next one starts
+            saver.untrack(first.session_id)
+            saver.track(second, 3)
+
+    monkeypatch.setattr(llm.autosave, "_write", writing)
+    saver.track(first, 1)
+    await saver.save()
+    await saver.save()
+    assert calls == [[(first.session_id, 1, "first reply", False)], [(first.session_id, 3, "second", False)]]
+    saver.untrack(first.session_id)

@@ -166,6 +166,20 @@ def check_numbers(**kwargs: Any) -> list[CheckMessage]:
     return errors
 
 
+def check_database_url(**kwargs: Any) -> list[CheckMessage]:
+    problem = getattr(settings, "DATABASE_URL_PROBLEM", "")
+    if not problem:
+        return []
+    return [
+        Error(
+            f"DATABASE_URL is not a database URL this project can use: {problem}.",
+            hint="Set DATABASE_URL to postgres://user:password@host:5432/name or sqlite:///path/to/db.sqlite3, "
+            "or unset it for the SQLite file beside manage.py.",
+            id="llm.E011",
+        )
+    ]
+
+
 def check_logging(**kwargs: Any) -> list[CheckMessage]:
     errors: list[CheckMessage] = []
     level = settings.LOG_LEVEL
@@ -265,7 +279,7 @@ def check_api_token(**kwargs: Any) -> list[CheckMessage]:
 
 ALL_CHECKS = (
     check_provider, check_base_urls, check_proxies, check_numbers, check_openrouter_key, check_rate_limit,
-    check_logging,
+    check_logging, check_database_url,
 )
 # Run by `manage.py check --deploy`, as Django's own security checks are.
 DEPLOY_CHECKS = (check_api_token,)

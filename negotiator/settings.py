@@ -8,6 +8,7 @@ checks in `llm/checks.py` instead of failing here with a traceback.
 
 import contextlib
 import logging
+import warnings
 from pathlib import Path
 
 import environ
@@ -91,7 +92,23 @@ TEMPLATES = [
 
 # PostgreSQL connections each process may hold (checked by llm.E003).
 DATABASE_POOL_SIZE = _number("DATABASE_POOL_SIZE", 4, int)
-DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")}
+def _database(url: str) -> tuple[dict, str]:
+    """DATABASES["default"] from DATABASE_URL; for a URL Django cannot use, a dummy database
+    (any query fails) and why, which llm.E011 reports, never repeating the URL (it may hold a
+    password)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # django-environ's warning prints the URL, password included
+            config = environ.Env.db_url_config(url)
+    except ValueError:
+        return {"ENGINE": "django.db.backends.dummy"}, "its port is not a number"
+    if config.get("ENGINE") not in ("django.db.backends.sqlite3", "django.db.backends.postgresql"):
+        return {"ENGINE": "django.db.backends.dummy"}, "it is neither a postgres:// nor a sqlite:// URL"
+    return config, ""
+
+
+_default, DATABASE_URL_PROBLEM = _database(env.str("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}"))
+DATABASES = {"default": _default}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL: readers never wait for the writer; synchronous=NORMAL: no fsync per commit (a power
     # cut may lose the last commits, never corrupt); IMMEDIATE: no lock upgrades that fail.

@@ -24,6 +24,7 @@ from django.core.management.base import SystemCheckError
 
 from llm.checks import (
     check_base_urls,
+    check_database_url,
     check_logging,
     check_numbers,
     check_proxies,
@@ -462,8 +463,8 @@ def run_entry_point(args: list[str], db: str, **env_vars: str) -> subprocess.Com
         for k, v in os.environ.items()
         if not k.startswith(("LLM_", "LM_STUDIO_", "OPENROUTER_")) and k != "DJANGO_SETTINGS_MODULE"
     }
-    env.update(env_vars)
     env["DATABASE_URL"] = db
+    env.update(env_vars)
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return subprocess.run(
         [sys.executable, *args],
@@ -483,6 +484,8 @@ BAD_ENV = [
     pytest.param({"LOG_LEVEL": "verbose"}, "llm.E008", id="log-level=verbose"),
     pytest.param({"LOG_DIR": "/proc/negotiator-logs"}, "llm.E009", id="log-dir=unwritable"),
     pytest.param({"LOG_DIR": "manage.py"}, "llm.E009", id="log-dir=a-file"),
+    pytest.param({"DATABASE_URL": "mysql://u:SECRETPW@db:3306/x"}, "llm.E011", id="database=mysql"),
+    pytest.param({"DATABASE_URL": "postgres://u:SECRETPW@db:port/x"}, "llm.E011", id="database=bad-port"),
 ]
 
 
@@ -496,6 +499,7 @@ def test_manage_py_with_bad_env_prints_check_id(
     assert result.returncode == 1, output
     assert check_id in output
     assert "Traceback" not in output
+    assert "SECRETPW" not in output
 
 
 def test_manage_py_timeout_abc_message_names_the_variable(scratch_db: str) -> None:
@@ -572,3 +576,16 @@ def test_e010_socks_proxy_without_socksio(llm_config: Config, no_proxy_env: pyte
     no_proxy_env.setenv("ALL_PROXY", "socks5://proxy.example.com:1080")
     assert [m.id for m in check_proxies()] == ["llm.E010"]
     assert "socksio" in check_proxies()[0].msg
+
+
+def test_e011_database_url(settings: Any) -> None:
+    settings.DATABASE_URL_PROBLEM = "it is neither a postgres:// nor a sqlite:// URL"
+    assert check_database_url() == [
+        Error(
+            "DATABASE_URL is not a database URL this project can use: it is neither a postgres:// nor a "
+            "sqlite:// URL.",
+            hint="Set DATABASE_URL to postgres://user:password@host:5432/name or sqlite:///path/to/db.sqlite3, "
+            "or unset it for the SQLite file beside manage.py.",
+            id="llm.E011",
+        )
+    ]

@@ -20,11 +20,11 @@ from datetime import datetime, timedelta, timezone as dt_timezone
 from typing import TYPE_CHECKING
 
 from channels.db import database_sync_to_async
-from django.db import transaction
+from django.db import DataError, IntegrityError, transaction
 from django.db.models import Max, Q
 from django.utils import timezone
 
-from .exceptions import GenerationInProgress, SessionNotFound
+from .exceptions import GenerationInProgress, InternalError, SessionNotFound
 from .models import Message, Session
 from .types import Message as MessageDict
 
@@ -120,20 +120,27 @@ class _Creator:
         return future
 
     async def _write_pending(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            rows = [(sid, messages, provider) for sid, messages, provider, _ in batch]
-            try:
-                failures = await _create_sessions(rows)
-            except Exception as exc:  # the database itself failed: every one of them did
-                failures = [exc] * len(batch)
-            for (sid, messages, _, future), failure in zip(batch, failures, strict=True):
-                if future.done():
-                    continue
-                if failure is None:
-                    future.set_result(OpenedSession(sid, [], len(messages)))
-                else:
-                    future.set_exception(failure)
+        batch: list[tuple[str, list[MessageDict], str, asyncio.Future[OpenedSession]]] = []
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                rows = [(sid, messages, provider) for sid, messages, provider, _ in batch]
+                try:
+                    failures = await _create_sessions(rows)
+                except Exception as exc:  # the database itself failed: every one of them did
+                    failures = [exc] * len(batch)
+                for (sid, messages, _, future), failure in zip(batch, failures, strict=True):
+                    if future.done():
+                        continue
+                    if failure is None:
+                        future.set_result(OpenedSession(sid, [], len(messages)))
+                    else:
+                        future.set_exception(failure)
+        finally:  # cancelled (the loop is closing): no generation waits forever for its session
+            for *_, future in [*batch, *self._pending]:
+                if not future.done():
+                    future.set_exception(InternalError("The session could not be stored"))
+            self._pending = []
 
 
 @database_sync_to_async
@@ -146,7 +153,7 @@ def _create_sessions(rows: list[tuple[str, list[MessageDict], str]]) -> list[Exc
         with transaction.atomic():
             _insert_sessions(rows)
         return [None] * len(rows)
-    except Exception:
+    except (IntegrityError, DataError):  # a row of its own fault: find which (others re-raise)
         if len(rows) == 1:
             raise
     failures: list[Exception | None] = []

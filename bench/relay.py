@@ -155,8 +155,9 @@ async def fast_single_stream(relay: str, upstream: str, tokens: int, repeats: in
 async def concurrent_streams(relay: str, upstream: str, streams: int, per_second: float, tokens: int) -> list[Row]:
     model = f"bench:tokens={tokens},delay={1 / per_second},timestamps=1"
 
-    async def run(kind: str) -> tuple[float, float, list[float]]:
-        """(tokens/s the upstream sent, tokens/s the client received, latencies in ms)."""
+    async def run(kind: str) -> tuple[float, float, list[float], list[float], int]:
+        """(tokens/s the upstream offered, tokens/s the client received, latencies in ms in the
+        steady state and overall, tokens received)."""
         async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=streams)) as client:
             if kind == "direct":
                 readings = await asyncio.gather(*(direct(client, upstream, model, timestamps=True) for _ in range(streams)))
@@ -164,24 +165,27 @@ async def concurrent_streams(relay: str, upstream: str, streams: int, per_second
                 readings = await asyncio.gather(*(over_websocket(relay, model, timestamps=True) for _ in range(streams)))
         # Per stream, between its first and last token: what the upstream offered (every token of
         # the reply), and what arrived, per second; a token lost on the way lowers the second.
-        sent = sum((tokens - 1) / (r.sent[-1] - r.sent[0]) for r in readings)
-        received = sum((len(r.sent) - 1) / (r.last_token - r.first_token) for r in readings)
+        sent = sum((tokens - 1) / (r.sent[-1] - r.sent[0]) for r in readings if len(r.sent) > 1)
+        received = sum((len(r.sent) - 1) / (r.last_token - r.first_token) for r in readings if len(r.sent) > 1)
         # Steady state: once every stream has started and before any has ended (the 100 session
         # set-ups and tear-downs landing in the same instant are reported apart).
         start, end = max(r.sent[0] for r in readings), min(r.sent[-1] for r in readings)
         lags = sorted(lag * 1000 for r in readings for at, lag in zip(r.sent, r.lags))
         steady = sorted(lag * 1000 for r in readings for at, lag in zip(r.sent, r.lags) if start <= at <= end)
-        return sent, received, steady, lags
+        return sent, received, steady, lags, sum(len(r.sent) for r in readings)
 
-    _, direct_rate, direct_steady, direct_all = await run("direct")
-    offered, relay_rate, relay_steady, relay_all = await run("relay")
+    _, direct_rate, direct_steady, direct_all, _ = await run("direct")
+    offered, relay_rate, relay_steady, relay_all, delivered = await run("relay")
     p = lambda values, q: values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")  # noqa: E731
     ratio = relay_rate / offered
     details = {"offered_tokens_per_s": offered, "tokens_measured_steady": len(relay_steady),
                "tokens_received": len(relay_all), "tokens_offered": streams * tokens}
     scenario = f"{streams} concurrent streams at {per_second:g} tokens/s each, one worker"
+    complete = delivered / (streams * tokens)
     rows = [Row(scenario, "delivered/offered tokens/s", relay_rate, direct_rate, ratio, ">= 0.99", ratio >= 0.99,
-                "tokens/s", details)]
+                "tokens/s", details),
+            Row(scenario, "tokens delivered / tokens offered", delivered, streams * tokens, complete, "= 1",
+                complete == 1, "tokens")]
     for label, relay_lags, direct_lags, target in (
         ("steady", relay_steady, direct_steady, 20.0), ("incl. start/end burst", relay_all, direct_all, None)
     ):

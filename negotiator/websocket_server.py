@@ -50,6 +50,43 @@ class BoundedSendWebSocketProtocol(ws_protocol.WebSocketProtocol):
         super().serverSend(content, binary)
 
 
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """autobahn's, for the one case the relay uses (a whole frame, nothing queued), without
+        what it adds per frame: a debug message built (colours included) whether or not it is
+        logged, and a write registered with the event loop for its next turn (two epoll calls)
+        when the socket can take the bytes now. Measured: a fifth of the relay's CPU per token."""
+        if sync or chopsize or self.send_queue:
+            super().sendData(data, sync, chopsize)
+            return
+        self._write_now(data)
+        if self.state == self.STATE_OPEN:
+            self.trafficStats.outgoingOctetsWireLevel += len(data)
+        elif self.state in (self.STATE_CONNECTING, self.STATE_PROXY_CONNECTING):
+            self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+        if self.logOctets:
+            self.logTxOctets(data, False)
+
+    def _write_now(self, data: bytes) -> None:
+        """Into the socket at once when nothing waits before it (what the kernel does not take
+        goes to the transport's buffer, in order); else, or on TLS, through the transport."""
+        transport = self.transport
+        sock = getattr(transport, "socket", None)
+        if (
+            sock is None or getattr(transport, "TLS", True) or not getattr(transport, "connected", False)
+            or getattr(transport, "disconnecting", True) or self.pending_bytes()
+        ):
+            transport.write(data)
+            return
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:  # the connection broke: the transport's own write finds it out and closes
+            sent = 0
+        if sent < len(data):
+            transport.write(data[sent:])
+
+
 def install() -> None:
     """Make daphne build this protocol for every WebSocket (call before the server starts)."""
     ws_protocol.WebSocketFactory.protocol = BoundedSendWebSocketProtocol

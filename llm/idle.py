@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+
+# How soon a timer that found bytes waiting looks again.
+RECHECK = 0.01
 
 
 class IdleTimer:
@@ -13,8 +17,11 @@ class IdleTimer:
     spends outside reads (with the caller) never counts: `touch()` after handing tokens on.
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, waiting: Callable[[], bool] | None = None) -> None:
         self.timeout = timeout
+        # Whether bytes already wait to be read (a busy loop has not got to them): then the
+        # upstream is not idle, however long since the last token.
+        self.waiting = waiting
         self.reading = False
         self.expired = False
         self._loop = asyncio.get_running_loop()
@@ -33,22 +40,30 @@ class IdleTimer:
         return self.expired and self._task is not None and self._task.uncancel() == 0
 
     def _fire(self) -> None:
-        if self._idle():
+        if not self._silent():
+            self._rearm()
+        elif self._waiting():
+            # Bytes wait that a busy loop has not handed to the reader yet: look again once it has.
+            self._handle = self._loop.call_later(RECHECK, self._fire)
+        else:
             # Not yet: data the loop has just received wakes the reader in the next iteration;
             # look again after it, so a busy loop never mistakes a late read for a silent upstream.
             self._handle = self._loop.call_soon(self._expire)
-        else:
-            self._rearm()
 
     def _expire(self) -> None:
-        if self._idle() and self._task is not None:
+        if self._task is None:
+            return
+        if self._silent() and not self._waiting():
             self.expired = True
             self._task.cancel()
         else:
-            self._rearm()
+            self._fire()
 
-    def _idle(self) -> bool:
+    def _silent(self) -> bool:
         return self.reading and self._loop.time() >= self._last + self.timeout
+
+    def _waiting(self) -> bool:
+        return self.waiting is not None and self.waiting()
 
     def _rearm(self) -> None:
         now, due = self._loop.time(), self._last + self.timeout

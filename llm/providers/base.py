@@ -295,7 +295,8 @@ class OpenAICompatibleProvider:
                 # All the tokens one read brings go on as one piece (they arrived together).
                 events = SSEDataReader()
                 reads = response.aiter_bytes()
-                idle = IdleTimer(self.idle_timeout)
+                network = response.extensions.get("network_stream")
+                idle = IdleTimer(self.idle_timeout, getattr(network, "has_data", None))
                 ended = False
                 try:
                     while not ended:

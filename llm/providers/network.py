@@ -68,6 +68,13 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             raise httpcore.ConnectError(str(exc)) from exc
         return self
 
+    def has_data(self) -> bool:
+        """Whether bytes, or the end of the stream, wait to be read (here or in the socket)."""
+        if self._reader._buffer or self._reader.at_eof():  # read off the socket, not yet taken
+            return True
+        sock = self._writer.get_extra_info("socket")
+        return sock is not None and is_socket_readable(sock)
+
     def get_extra_info(self, info: str) -> Any:
         if info == "ssl_object":
             return self._writer.get_extra_info("ssl_object")

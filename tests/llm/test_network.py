@@ -222,3 +222,35 @@ async def test_a_local_upstream_is_reached_directly_whatever_the_proxy(
     monkeypatch.delenv("no_proxy", raising=False)
     chunks = get_provider().stream(ChatRequest(messages=[{"role": "user", "content": "Hi"}]))
     assert "".join([chunk.text async for chunk in chunks]) == "Hello, world!"
+
+
+async def test_the_stream_tells_when_bytes_wait_to_be_read() -> None:
+    """What the idle timer asks before it calls an upstream silent (llm.idle)."""
+    release = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        await writer.drain()
+        await release.wait()
+        writer.write(b"5\r\nhello\r\n0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    listener = await asyncio.start_server(handle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}/"
+    try:
+        async with httpx.AsyncClient(transport=asyncio_transport(LIMITS)) as client:
+            async with client.stream("GET", url) as response:
+                stream = response.extensions["network_stream"]
+                await asyncio.sleep(0.1)
+                assert not stream.has_data()
+                release.set()
+                for _ in range(100):
+                    if stream.has_data():
+                        break
+                    await asyncio.sleep(0.01)
+                assert stream.has_data()
+                assert await response.aread() == b"hello"
+    finally:
+        listener.close()

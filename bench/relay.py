@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,12 @@ class Reading:
 
 async def direct(client: httpx.AsyncClient, upstream: str, model: str, **flags: bool) -> Reading:
     """A plain httpx client on the upstream: one request, `aiter_lines`, JSON per event."""
-    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "stream": True, "max_tokens": 100000}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "stream": True,
+        "max_tokens": 100000,
+    }
     reading = Reading(time.perf_counter())
     async with client.stream("POST", upstream + "/chat/completions", json=body) as response:
         async for line in response.aiter_lines():
@@ -99,9 +104,15 @@ async def direct(client: httpx.AsyncClient, upstream: str, model: str, **flags: 
 
 
 async def over_websocket(relay: str, model: str, **flags: bool) -> Reading:
-    frame = {"type": "generate", "model": model, "messages": [{"role": "user", "content": "Hi"}],
-             "max_tokens": 100000}
-    async with websockets.connect(relay.replace("http://", "ws://") + "/ws/llm/stream/", max_size=None) as ws:
+    frame = {
+        "type": "generate",
+        "model": model,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 100000,
+    }
+    async with websockets.connect(
+        relay.replace("http://", "ws://") + "/ws/llm/stream/", max_size=None
+    ) as ws:
         reading = Reading(time.perf_counter())
         await ws.send(json.dumps(frame))
         while True:
@@ -116,7 +127,12 @@ async def over_websocket(relay: str, model: str, **flags: bool) -> Reading:
 
 
 async def over_sse(client: httpx.AsyncClient, relay: str, model: str, **flags: bool) -> Reading:
-    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 100000, "stream": True}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 100000,
+        "stream": True,
+    }
     reading = Reading(time.perf_counter())
     async with client.stream("POST", relay + "/api/v1/llm/generate", json=body) as response:
         async for line in response.aiter_lines():
@@ -145,56 +161,111 @@ async def fast_single_stream(relay: str, upstream: str, tokens: int, repeats: in
             results["sse"].append(rate(await over_sse(client, relay, model)))
     best = {name: max(values) for name, values in results.items()}
     return [
-        Row("1 stream, upstream as fast as it can send", f"relay/direct tokens/s over {face}",
-            best[key], best["direct"], best[key] / best["direct"], ">= 0.85", best[key] / best["direct"] >= 0.85,
-            "tokens/s", {"runs": results})
+        Row(
+            "1 stream, upstream as fast as it can send",
+            f"relay/direct tokens/s over {face}",
+            best[key],
+            best["direct"],
+            best[key] / best["direct"],
+            ">= 0.85",
+            best[key] / best["direct"] >= 0.85,
+            "tokens/s",
+            {"runs": results},
+        )
         for face, key in (("WS", "websocket"), ("HTTP SSE", "sse"))
     ]
 
 
-async def concurrent_streams(relay: str, upstream: str, streams: int, per_second: float, tokens: int) -> list[Row]:
+async def concurrent_streams(
+    relay: str, upstream: str, streams: int, per_second: float, tokens: int
+) -> list[Row]:
     model = f"bench:tokens={tokens},delay={1 / per_second},timestamps=1"
 
     async def run(kind: str) -> tuple[float, float, list[float], list[float], int]:
         """(tokens/s the upstream offered, tokens/s the client received, latencies in ms in the
         steady state and overall, tokens received)."""
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=streams)) as client:
+        async with httpx.AsyncClient(
+            timeout=120, limits=httpx.Limits(max_connections=streams)
+        ) as client:
             if kind == "direct":
-                readings = await asyncio.gather(*(direct(client, upstream, model, timestamps=True) for _ in range(streams)))
+                readings = await asyncio.gather(
+                    *(direct(client, upstream, model, timestamps=True) for _ in range(streams))
+                )
             else:
-                readings = await asyncio.gather(*(over_websocket(relay, model, timestamps=True) for _ in range(streams)))
+                readings = await asyncio.gather(
+                    *(over_websocket(relay, model, timestamps=True) for _ in range(streams))
+                )
         # Per stream, between its first and last token: what the upstream offered (every token of
         # the reply), and what arrived, per second; a token lost on the way lowers the second.
         sent = sum((tokens - 1) / (r.sent[-1] - r.sent[0]) for r in readings if len(r.sent) > 1)
-        received = sum((len(r.sent) - 1) / (r.last_token - r.first_token) for r in readings if len(r.sent) > 1)
+        received = sum(
+            (len(r.sent) - 1) / (r.last_token - r.first_token) for r in readings if len(r.sent) > 1
+        )
         # Steady state: once every stream has started and before any has ended (the 100 session
         # set-ups and tear-downs landing in the same instant are reported apart).
         start, end = max(r.sent[0] for r in readings), min(r.sent[-1] for r in readings)
         lags = sorted(lag * 1000 for r in readings for at, lag in zip(r.sent, r.lags))
-        steady = sorted(lag * 1000 for r in readings for at, lag in zip(r.sent, r.lags) if start <= at <= end)
+        steady = sorted(
+            lag * 1000 for r in readings for at, lag in zip(r.sent, r.lags) if start <= at <= end
+        )
         return sent, received, steady, lags, sum(len(r.sent) for r in readings)
 
     _, direct_rate, direct_steady, direct_all, _ = await run("direct")
     offered, relay_rate, relay_steady, relay_all, delivered = await run("relay")
-    p = lambda values, q: values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")  # noqa: E731
+    p = lambda values, q: (
+        values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+    )
     ratio = relay_rate / offered
-    details = {"offered_tokens_per_s": offered, "tokens_measured_steady": len(relay_steady),
-               "tokens_received": len(relay_all), "tokens_offered": streams * tokens}
+    details = {
+        "offered_tokens_per_s": offered,
+        "tokens_measured_steady": len(relay_steady),
+        "tokens_received": len(relay_all),
+        "tokens_offered": streams * tokens,
+    }
     scenario = f"{streams} concurrent streams at {per_second:g} tokens/s each, one worker"
     complete = delivered / (streams * tokens)
-    rows = [Row(scenario, "delivered/offered tokens/s", relay_rate, direct_rate, ratio, ">= 0.99", ratio >= 0.99,
-                "tokens/s", details),
-            Row(scenario, "tokens delivered / tokens offered", delivered, streams * tokens, complete, "= 1",
-                complete == 1, "tokens")]
+    rows = [
+        Row(
+            scenario,
+            "delivered/offered tokens/s",
+            relay_rate,
+            direct_rate,
+            ratio,
+            ">= 0.99",
+            ratio >= 0.99,
+            "tokens/s",
+            details,
+        ),
+        Row(
+            scenario,
+            "tokens delivered / tokens offered",
+            delivered,
+            streams * tokens,
+            complete,
+            "= 1",
+            complete == 1,
+            "tokens",
+        ),
+    ]
     for label, relay_lags, direct_lags, target in (
-        ("steady", relay_steady, direct_steady, 20.0), ("incl. start/end burst", relay_all, direct_all, None)
+        ("steady", relay_steady, direct_steady, 20.0),
+        ("incl. start/end burst", relay_all, direct_all, None),
     ):
         for q in (0.50, 0.99):
             added = p(relay_lags, q) - p(direct_lags, q)
             limit = target if q == 0.99 else None
-            rows.append(Row(scenario, f"added latency/token p{int(q * 100)}, {label} (ms)", p(relay_lags, q),
-                            p(direct_lags, q), added, f"<= {limit:g} ms" if limit else "-",
-                            added <= limit if limit else True, "ms"))
+            rows.append(
+                Row(
+                    scenario,
+                    f"added latency/token p{int(q * 100)}, {label} (ms)",
+                    p(relay_lags, q),
+                    p(direct_lags, q),
+                    added,
+                    f"<= {limit:g} ms" if limit else "-",
+                    added <= limit if limit else True,
+                    "ms",
+                )
+            )
     return rows
 
 
@@ -209,9 +280,19 @@ async def time_to_first_token(relay: str, upstream: str, ttft: float, repeats: i
             relay_ttfts.append((reading.first_token - reading.started) * 1000)
     relay_median, direct_median = statistics.median(relay_ttfts), statistics.median(direct_ttfts)
     added = relay_median - direct_median
-    return [Row(f"upstream TTFT {ttft * 1000:g} ms", f"relay TTFT - direct TTFT, median of {repeats} (ms)",
-                relay_median, direct_median, added, "<= 5 ms", added <= 5, "ms",
-                {"relay_ms": relay_ttfts, "direct_ms": direct_ttfts})]
+    return [
+        Row(
+            f"upstream TTFT {ttft * 1000:g} ms",
+            f"relay TTFT - direct TTFT, median of {repeats} (ms)",
+            relay_median,
+            direct_median,
+            added,
+            "<= 5 ms",
+            added <= 5,
+            "ms",
+            {"relay_ms": relay_ttfts, "direct_ms": direct_ttfts},
+        )
+    ]
 
 
 def rss_kib(pid: int) -> int:
@@ -229,14 +310,27 @@ async def idle_connections(relay: str, relay_pid: int, count: int) -> list[Row]:
     before = rss_kib(relay_pid)
     sockets = []
     for start in range(0, count, 100):
-        sockets += await asyncio.gather(*(websockets.connect(url) for _ in range(min(100, count - start))))
+        sockets += await asyncio.gather(
+            *(websockets.connect(url) for _ in range(min(100, count - start)))
+        )
     await asyncio.sleep(1)
     after = rss_kib(relay_pid)
     for ws in sockets:
         await ws.close()
     per = (after - before) / count
-    return [Row(f"{count} open idle WebSocket connections, one worker", "RSS growth per connection (KiB)",
-                per, 0, per, "<= 60 KiB", per <= 60, "KiB", {"rss_before_kib": before, "rss_after_kib": after})]
+    return [
+        Row(
+            f"{count} open idle WebSocket connections, one worker",
+            "RSS growth per connection (KiB)",
+            per,
+            0,
+            per,
+            "<= 60 KiB",
+            per <= 60,
+            "KiB",
+            {"rss_before_kib": before, "rss_after_kib": after},
+        )
+    ]
 
 
 async def smollm2(relay: str, upstream: str, tokens: int, repeats: int) -> list[Row]:
@@ -245,7 +339,9 @@ async def smollm2(relay: str, upstream: str, tokens: int, repeats: int) -> list[
     Measured alike on both paths (characters, since the relay's frames may carry several tokens),
     and shown as tokens/s at the direct path's characters per token."""
     relay_rates, direct_rates, chars_per_token = [], [], []
-    messages = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper."}]
+    messages = [
+        {"role": "user", "content": "Write a long, detailed story about a lighthouse keeper."}
+    ]
 
     def streamed(pieces: list[tuple[float, str]]) -> float:
         """Characters per second after the first piece: its own arrival starts the clock."""
@@ -283,11 +379,28 @@ async def smollm2(relay: str, upstream: str, tokens: int, repeats: int) -> list[
             direct_rates.append(await run_direct(client))
             relay_rates.append(await run_relay())
     per_token = statistics.median(chars_per_token)
-    relay_rate, direct_rate = statistics.median(relay_rates) / per_token, statistics.median(direct_rates) / per_token
+    relay_rate, direct_rate = (
+        statistics.median(relay_rates) / per_token,
+        statistics.median(direct_rates) / per_token,
+    )
     ratio = relay_rate / direct_rate
-    return [Row(f"real SmolLM2, {tokens} tokens", "relay tokens/s / direct tokens/s", relay_rate, direct_rate,
-                ratio, ">= 0.97", ratio >= 0.97, "tokens/s",
-                {"relay_chars_per_s": relay_rates, "direct_chars_per_s": direct_rates, "chars_per_token": per_token})]
+    return [
+        Row(
+            f"real SmolLM2, {tokens} tokens",
+            "relay tokens/s / direct tokens/s",
+            relay_rate,
+            direct_rate,
+            ratio,
+            ">= 0.97",
+            ratio >= 0.97,
+            "tokens/s",
+            {
+                "relay_chars_per_s": relay_rates,
+                "direct_chars_per_s": direct_rates,
+                "chars_per_token": per_token,
+            },
+        )
+    ]
 
 
 # Running ---------------------------------------------------------------------------------------
@@ -296,10 +409,18 @@ async def smollm2(relay: str, upstream: str, tokens: int, repeats: int) -> list[
 def machine() -> dict[str, Any]:
     return {
         "cores": os.cpu_count(),
-        "cpu": next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                     if l.startswith("model name")), platform.processor()),
+        "cpu": next(
+            (
+                l.split(":", 1)[1].strip()
+                for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")
+            ),
+            platform.processor(),
+        ),
         "python": platform.python_version(),
-        "versions": {name: version(name) for name in ("django", "channels", "daphne", "httpx", "orjson")},
+        "versions": {
+            name: version(name) for name in ("django", "channels", "daphne", "httpx", "orjson")
+        },
     }
 
 
@@ -309,19 +430,34 @@ def print_table(title: str, rows: list[Row]) -> None:
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row.scenario[:52]:<52} {row.figure[:42]:<42} {row.relay:>10.1f} {row.direct:>10.1f} "
-              f"{row.value:>8.3f}  {row.target:<10} {'yes' if row.met else 'NO'}")
+        print(
+            f"{row.scenario[:52]:<52} {row.figure[:42]:<42} {row.relay:>10.1f} {row.direct:>10.1f} "
+            f"{row.value:>8.3f}  {row.target:<10} {'yes' if row.met else 'NO'}"
+        )
 
 
-async def run_backend(name: str, env_extra: dict[str, str], args: argparse.Namespace, logs: Path,
-                      smollm2_url: str | None) -> list[Row]:
+async def run_backend(
+    name: str,
+    env_extra: dict[str, str],
+    args: argparse.Namespace,
+    logs: Path,
+    smollm2_url: str | None,
+) -> list[Row]:
     # Production settings (debug off: no per-query SQL logging), served over plain HTTP here; a
     # pool of 400 upstream connections, since each of the 100 concurrent streams holds one (the
     # default of 20 would queue the other 80), and warnings only (one INFO line per request).
-    env = servers.project_env(logs, **env_extra, LLM_MAX_CONNECTIONS="400", LLM_MAX_KEEPALIVE="400",
-                              LOG_LEVEL="WARNING", LLM_MAX_TOKENS="100000", DJANGO_DEBUG="false",
-                              DJANGO_SECRET_KEY="bench-" + "x" * 50, DJANGO_SECURE_SSL_REDIRECT="false",
-                              DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost")
+    env = servers.project_env(
+        logs,
+        **env_extra,
+        LLM_MAX_CONNECTIONS="400",
+        LLM_MAX_KEEPALIVE="400",
+        LOG_LEVEL="WARNING",
+        LLM_MAX_TOKENS="100000",
+        DJANGO_DEBUG="false",
+        DJANGO_SECRET_KEY="bench-" + "x" * 50,
+        DJANGO_SECURE_SSL_REDIRECT="false",
+        DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost",
+    )
     rows: list[Row] = []
     with servers.fake_upstream(logs, "--tokens", "10") as upstream:
         env["LM_STUDIO_BASE_URL"] = upstream
@@ -341,9 +477,13 @@ async def run_backend(name: str, env_extra: dict[str, str], args: argparse.Names
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller runs (a smoke test of the bench)")
+    parser.add_argument(
+        "--quick", action="store_true", help="smaller runs (a smoke test of the bench)"
+    )
     parser.add_argument("--no-smollm2", action="store_true", help="skip the real-model row")
-    parser.add_argument("--no-postgres", action="store_true", help="skip the PostgreSQL + Redis rows")
+    parser.add_argument(
+        "--no-postgres", action="store_true", help="skip the PostgreSQL + Redis rows"
+    )
     parser.add_argument("--database-url", default="postgres://postgres@127.0.0.1:5432/test")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
@@ -355,8 +495,10 @@ async def main() -> int:
     args.idle = 100 if args.quick else 1000
 
     info = machine()
-    print(f"machine: {info['cores']} cores, {info['cpu']}, Python {info['python']}; "
-          + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    print(
+        f"machine: {info['cores']} cores, {info['cpu']}, Python {info['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    )
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         logs = Path(tmp)
@@ -366,21 +508,39 @@ async def main() -> int:
 
             model = stack.enter_context(LocalModelServer(log_path=logs / "smollm2.log"))
             smollm2_url = model.base_url
-        rows += await run_backend("sqlite", {"DATABASE_URL": f"sqlite:///{logs / 'bench.sqlite3'}"},
-                                  args, logs, smollm2_url)
+        rows += await run_backend(
+            "sqlite",
+            {"DATABASE_URL": f"sqlite:///{logs / 'bench.sqlite3'}"},
+            args,
+            logs,
+            smollm2_url,
+        )
         print_table("SQLite + in-memory channel layer", rows)
         if not args.no_postgres:
-            pg_rows = await run_backend("postgres+redis", {"DATABASE_URL": args.database_url,
-                                                            "REDIS_URL": args.redis_url}, args, logs, smollm2_url)
+            pg_rows = await run_backend(
+                "postgres+redis",
+                {"DATABASE_URL": args.database_url, "REDIS_URL": args.redis_url},
+                args,
+                logs,
+                smollm2_url,
+            )
             print_table("PostgreSQL + Redis", pg_rows)
             rows += pg_rows
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = RESULTS / f"relay-{stamp}.json"
-    path.write_bytes(orjson.dumps({"machine": info, "quick": args.quick, "rows": [asdict(r) for r in rows]},
-                                  option=orjson.OPT_INDENT_2))
+    path.write_bytes(
+        orjson.dumps(
+            {"machine": info, "quick": args.quick, "rows": [asdict(r) for r in rows]},
+            option=orjson.OPT_INDENT_2,
+        )
+    )
     print(f"\nwritten: {path.relative_to(ROOT)}")
-    missed = [f"{row.scenario}: {row.figure} = {row.value:.3f} (target {row.target})" for row in rows if not row.met]
+    missed = [
+        f"{row.scenario}: {row.figure} = {row.value:.3f} (target {row.target})"
+        for row in rows
+        if not row.met
+    ]
     for line in missed:
         print(f"MISSED {line}")
     return 1 if missed and args.strict else 0

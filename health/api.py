@@ -26,7 +26,9 @@ router = Router(tags=["health"])
     ),
 )
 async def health(request: HttpRequest) -> Status[dict[str, Any]]:
-    database, ping, layer = await asyncio.gather(probes.database(), probes.provider(), probes.channel_layer())
+    database, ping, layer = await asyncio.gather(
+        probes.database(), probes.provider(), probes.channel_layer()
+    )
     if database["status"] != "ok":
         status, code = "unhealthy", 503
     elif not ping.reachable or (layer is not None and layer["status"] != "ok"):

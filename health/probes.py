@@ -32,12 +32,27 @@ async def database(alias: str = "default", timeout: float = DATABASE_TIMEOUT) ->
         async with asyncio.timeout(timeout):
             await sync_to_async(_select_one, thread_sensitive=True)(alias)
     except TimeoutError:
-        return {"status": "error", "engine": engine, "latency_ms": None,
-                "error": {"code": "DATABASE_TIMEOUT", "message": f"no answer within {timeout:g} s"}}
+        return {
+            "status": "error",
+            "engine": engine,
+            "latency_ms": None,
+            "error": {"code": "DATABASE_TIMEOUT", "message": f"no answer within {timeout:g} s"},
+        }
     except Exception as exc:  # any driver error means the database is down for us
-        return {"status": "error", "engine": engine, "latency_ms": None,
-                "error": {"code": "DATABASE_UNAVAILABLE", "message": f"{type(exc).__name__}: {exc}"[:300]}}
-    return {"status": "ok", "engine": engine, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
+        return {
+            "status": "error",
+            "engine": engine,
+            "latency_ms": None,
+            "error": {
+                "code": "DATABASE_UNAVAILABLE",
+                "message": f"{type(exc).__name__}: {exc}"[:300],
+            },
+        }
+    return {
+        "status": "ok",
+        "engine": engine,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+    }
 
 
 async def provider(alias: str | None = None) -> PingResult:
@@ -58,9 +73,27 @@ async def channel_layer(timeout: float = CHANNEL_LAYER_TIMEOUT) -> dict[str, Any
             await layer.send(channel, {"type": "health.ping"})
             await layer.receive(channel)
     except TimeoutError:
-        return {"status": "error", "backend": backend, "latency_ms": None,
-                "error": {"code": "CHANNEL_LAYER_TIMEOUT", "message": f"no round trip within {timeout:g} s"}}
+        return {
+            "status": "error",
+            "backend": backend,
+            "latency_ms": None,
+            "error": {
+                "code": "CHANNEL_LAYER_TIMEOUT",
+                "message": f"no round trip within {timeout:g} s",
+            },
+        }
     except Exception as exc:  # any Redis error means watchers across workers are down
-        return {"status": "error", "backend": backend, "latency_ms": None,
-                "error": {"code": "CHANNEL_LAYER_UNAVAILABLE", "message": f"{type(exc).__name__}: {exc}"[:300]}}
-    return {"status": "ok", "backend": backend, "latency_ms": round((time.perf_counter() - started) * 1000, 1)}
+        return {
+            "status": "error",
+            "backend": backend,
+            "latency_ms": None,
+            "error": {
+                "code": "CHANNEL_LAYER_UNAVAILABLE",
+                "message": f"{type(exc).__name__}: {exc}"[:300],
+            },
+        }
+    return {
+        "status": "ok",
+        "backend": backend,
+        "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+    }

@@ -35,8 +35,15 @@ class MessageInline(ReadOnlyMixin, admin.TabularInline):
 @admin.register(Session)
 class SessionAdmin(ReadOnlyMixin, admin.ModelAdmin):
     list_display = (
-        "id", "status", "provider", "model", "prompt_tokens", "completion_tokens", "ttft_ms",
-        "tokens_per_second", "created_at",
+        "id",
+        "status",
+        "provider",
+        "model",
+        "prompt_tokens",
+        "completion_tokens",
+        "ttft_ms",
+        "tokens_per_second",
+        "created_at",
     )
     list_filter = ("status", "provider", "model", ("created_at", admin.DateFieldListFilter))
     search_fields = ("messages__content",)
@@ -46,7 +53,18 @@ class SessionAdmin(ReadOnlyMixin, admin.ModelAdmin):
         (None, {"fields": ("id", "status", "provider", "tried", "model", "finish_reason")}),
         ("Error", {"fields": ("error_code", "error_message")}),
         ("Usage", {"fields": ("prompt_tokens", "completion_tokens", "usage_estimated")}),
-        ("Timings", {"fields": ("created_at", "first_token_at", "finished_at", "ttft_ms", "tokens_per_second")}),
+        (
+            "Timings",
+            {
+                "fields": (
+                    "created_at",
+                    "first_token_at",
+                    "finished_at",
+                    "ttft_ms",
+                    "tokens_per_second",
+                )
+            },
+        ),
         ("Process", {"fields": ("worker", "updated_at"), "classes": ("collapse",)}),
     )
     readonly_fields = tuple(f for _, section in fieldsets for f in section["fields"])

@@ -32,8 +32,10 @@ _USAGE = {
     "type": "object",
     "required": ["prompt_tokens", "completion_tokens", "total_tokens", "estimated"],
     "properties": {
-        "prompt_tokens": {"type": "integer"}, "completion_tokens": {"type": "integer"},
-        "total_tokens": {"type": "integer"}, "estimated": {"type": "boolean"},
+        "prompt_tokens": {"type": "integer"},
+        "completion_tokens": {"type": "integer"},
+        "total_tokens": {"type": "integer"},
+        "estimated": {"type": "boolean"},
     },
 }
 
@@ -56,14 +58,29 @@ SSE_EVENT = {
             "contentMediaType": "application/json",
             "contentSchema": {
                 "oneOf": [
-                    _frame("start", ["session_id", "provider", "model"], session_id={"type": "string"},
-                           provider={"type": "string"}, model={"type": "string"},
-                           tried={"type": "array", "items": {"type": "object"}}),
+                    _frame(
+                        "start",
+                        ["session_id", "provider", "model"],
+                        session_id={"type": "string"},
+                        provider={"type": "string"},
+                        model={"type": "string"},
+                        tried={"type": "array", "items": {"type": "object"}},
+                    ),
                     _frame("token", ["text"], text={"type": "string"}),
-                    _frame("done", ["session_id", "finish_reason", "usage"], session_id={"type": "string"},
-                           finish_reason={"enum": ["stop", "length", "cancelled"]}, usage=_USAGE),
-                    _frame("error", ["code", "message"], session_id={"type": "string"},
-                           code={"type": "string"}, message={"type": "string"}),
+                    _frame(
+                        "done",
+                        ["session_id", "finish_reason", "usage"],
+                        session_id={"type": "string"},
+                        finish_reason={"enum": ["stop", "length", "cancelled"]},
+                        usage=_USAGE,
+                    ),
+                    _frame(
+                        "error",
+                        ["code", "message"],
+                        session_id={"type": "string"},
+                        code={"type": "string"},
+                        message={"type": "string"},
+                    ),
                 ]
             },
         }
@@ -83,11 +100,19 @@ SSE_EVENT = {
         "then one `done` or `error`."
     ),
     openapi_extra={
-        "responses": {200: {"content": {"text/event-stream": {"schema": SSE_EVENT, "example": SSE_EXAMPLE}}}}
+        "responses": {
+            200: {"content": {"text/event-stream": {"schema": SSE_EVENT, "example": SSE_EXAMPLE}}}
+        }
     },
 )
-async def generate(request: HttpRequest, payload: GenerateIn) -> GenerateOut | StreamingHttpResponse:
-    await check_rate(client_key(ip=request.META.get("REMOTE_ADDR"), authenticated_by_token=request.auth == "token"))
+async def generate(
+    request: HttpRequest, payload: GenerateIn
+) -> GenerateOut | StreamingHttpResponse:
+    await check_rate(
+        client_key(
+            ip=request.META.get("REMOTE_ADDR"), authenticated_by_token=request.auth == "token"
+        )
+    )
     generation = Generation(payload.to_request(), session_id=payload.session_key)
     if payload.stream:
         if payload.session_key:  # refuse with a status now: once streaming, errors are frames

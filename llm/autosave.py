@@ -82,7 +82,9 @@ class Autosave:
 
     async def save(self) -> None:
         """Write what changed since the last save, and mark every tracked session alive."""
-        entries = [(sid, e, e.reply.text) for sid, e in self._entries.items() if e.reply.length != e.saved]
+        entries = [
+            (sid, e, e.reply.text) for sid, e in self._entries.items() if e.reply.length != e.saved
+        ]
         alive = list(self._entries)
         if not alive:
             return
@@ -97,14 +99,23 @@ def _write(changed: list[tuple[str, int, str, bool]], alive: list[str]) -> None:
     """One transaction; the updates go as one `executemany`, which keeps the ORM's per-query
     Python work (held under the GIL, away from the event loop's thread) out of a hundred rows."""
     with transaction.atomic():
-        new = [Message(session_id=sid, position=pos, role=Message.Role.ASSISTANT, content=text)
-               for sid, pos, text, exists in changed if not exists]
+        new = [
+            Message(session_id=sid, position=pos, role=Message.Role.ASSISTANT, content=text)
+            for sid, pos, text, exists in changed
+            if not exists
+        ]
         Message.objects.bulk_create(new, ignore_conflicts=True)
-        updates = [(text, _session_key(sid), pos, len(text)) for sid, pos, text, exists in changed if exists]
+        updates = [
+            (text, _session_key(sid), pos, len(text))
+            for sid, pos, text, exists in changed
+            if exists
+        ]
         if updates:
             with connection.cursor() as cursor:
                 cursor.executemany(UPDATE_REPLY, updates)
-        Session.objects.filter(pk__in=alive, status=Session.Status.STREAMING).update(updated_at=timezone.now())
+        Session.objects.filter(pk__in=alive, status=Session.Status.STREAMING).update(
+            updated_at=timezone.now()
+        )
 
 
 # A reply only grows while it streams, so a save never shortens what is stored: one that lands
@@ -120,7 +131,9 @@ def _session_key(session_id: str) -> Any:
     return Session._meta.pk.get_db_prep_value(uuid.UUID(session_id), connection)
 
 
-_savers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Autosave] = weakref.WeakKeyDictionary()
+_savers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Autosave] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def autosave() -> Autosave:

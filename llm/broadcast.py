@@ -54,8 +54,12 @@ class Broadcaster:
             self._channel = await self.layer.new_channel()
             await self.layer.group_add(control_group(self.session_id), self._channel)
         except Exception as exc:  # one line per generation while Redis is down, not a traceback
-            logger.warning("session %s cannot be watched: the channel layer failed (%s: %s)",
-                           self.session_id, type(exc).__name__, exc)
+            logger.warning(
+                "session %s cannot be watched: the channel layer failed (%s: %s)",
+                self.session_id,
+                type(exc).__name__,
+                exc,
+            )
             self._channel = None
             return
         self._listener = asyncio.create_task(self._listen())
@@ -63,7 +67,12 @@ class Broadcaster:
     async def publish(self, frame: dict[str, Any], offset: int | None = None) -> None:
         if not self.watched or self.layer is None:
             return
-        message = {"type": "llm.frame", "session_id": self.session_id, "frame": frame, "offset": offset}
+        message = {
+            "type": "llm.frame",
+            "session_id": self.session_id,
+            "frame": frame,
+            "offset": offset,
+        }
         try:
             await self.layer.group_send(frames_group(self.session_id), message)
         except Exception:  # a broken layer must never break the generation itself

@@ -161,8 +161,13 @@ def check_numbers(**kwargs: Any) -> list[CheckMessage]:
                 errors.append(error)
     port = getattr(settings, "SERVE_PORT", 8000)
     if isinstance(port, int) and port > 65535:
-        errors.append(Error(f"PORT is {port!r}; a TCP port is at most 65535.",
-                            hint="Set PORT to a free TCP port, e.g. 8000.", id="llm.E003"))
+        errors.append(
+            Error(
+                f"PORT is {port!r}; a TCP port is at most 65535.",
+                hint="Set PORT to a free TCP port, e.g. 8000.",
+                id="llm.E003",
+            )
+        )
     return errors
 
 
@@ -204,11 +209,17 @@ def check_logging(**kwargs: Any) -> list[CheckMessage]:
     return errors
 
 
-def _number_error(name: str, value: Any, integer: bool, minimum: float, inclusive: bool) -> Error | None:
+def _number_error(
+    name: str, value: Any, integer: bool, minimum: float, inclusive: bool
+) -> Error | None:
     kind = "a whole number" if integer else "a number"
     bound = f"{'at least' if inclusive else 'greater than'} {minimum}"
     numeric = isinstance(value, int) if integer else isinstance(value, int | float)
-    if numeric and not isinstance(value, bool) and (value >= minimum if inclusive else value > minimum):
+    if (
+        numeric
+        and not isinstance(value, bool)
+        and (value >= minimum if inclusive else value > minimum)
+    ):
         return None
     return Error(
         f"{name} is {value!r}; it must be {kind} {bound}.",
@@ -270,16 +281,22 @@ def check_api_token(**kwargs: Any) -> list[CheckMessage]:
         Warning(
             "API_TOKEN is empty with debug off: anyone who reaches this server can generate "
             "(spending your provider's tokens) and read every stored session.",
-            hint="Set API_TOKEN to a long random value (e.g. `python -c \"import secrets; "
-            "print(secrets.token_urlsafe(32))\"`) unless a proxy in front authenticates clients.",
+            hint='Set API_TOKEN to a long random value (e.g. `python -c "import secrets; '
+            'print(secrets.token_urlsafe(32))"`) unless a proxy in front authenticates clients.',
             id="llm.W002",
         )
     ]
 
 
 ALL_CHECKS = (
-    check_provider, check_base_urls, check_proxies, check_numbers, check_openrouter_key, check_rate_limit,
-    check_logging, check_database_url,
+    check_provider,
+    check_base_urls,
+    check_proxies,
+    check_numbers,
+    check_openrouter_key,
+    check_rate_limit,
+    check_logging,
+    check_database_url,
 )
 # Run by `manage.py check --deploy`, as Django's own security checks are.
 DEPLOY_CHECKS = (check_api_token,)
@@ -292,5 +309,7 @@ def run_llm_checks() -> list[CheckMessage]:
 def format_errors(messages: Iterable[CheckMessage]) -> str:
     """One line per serious message, as `manage.py check` prints them."""
     return "\n".join(
-        f"({m.id}) {m.msg}" + (f" HINT: {m.hint}" if m.hint else "") for m in messages if m.is_serious()
+        f"({m.id}) {m.msg}" + (f" HINT: {m.hint}" if m.hint else "")
+        for m in messages
+        if m.is_serious()
     )

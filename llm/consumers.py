@@ -66,7 +66,9 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
             return
         await self.accept()
 
-    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any) -> None:
+    async def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None, **kwargs: Any
+    ) -> None:
         # Parsed here rather than in `decode_json` so a bad frame gets an error frame, not a crash.
         try:
             content = self._parse(text_data, bytes_data)
@@ -89,8 +91,12 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
             await self._send_error(exc)
         except Exception:  # a bug or an outage must not drop the socket
             kind = content.get("type") if isinstance(content, dict) else None
-            logger.exception("a %s frame failed", kind[:50] if isinstance(kind, str) else type(kind).__name__)
-            await self._send_error(InternalError("The server failed on this frame; the error is logged"))
+            logger.exception(
+                "a %s frame failed", kind[:50] if isinstance(kind, str) else type(kind).__name__
+            )
+            await self._send_error(
+                InternalError("The server failed on this frame; the error is logged")
+            )
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # channels closes stale database connections, on the one thread all sockets' ORM calls
@@ -130,7 +136,9 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
         if kind is None:
             raise InvalidRequest("type: field required (generate, cancel or watch)")
         if not isinstance(kind, str):  # never str() a client's value: it may nest a thousand deep
-            raise UnknownType(f"type must be a string, not {type(kind).__name__}: use generate, cancel or watch")
+            raise UnknownType(
+                f"type must be a string, not {type(kind).__name__}: use generate, cancel or watch"
+            )
         schema = FRAMES.get(kind)
         if schema is None:
             raise UnknownType(f"Unknown frame type {kind[:50]!r}: use generate, cancel or watch")
@@ -141,7 +149,9 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
 
     async def _generate(self, frame: GenerateFrame) -> None:
         if self.task is not None and not self.task.done():
-            raise GenerationInProgress("A generation is still streaming on this connection: cancel it first")
+            raise GenerationInProgress(
+                "A generation is still streaming on this connection: cancel it first"
+            )
         by_token = token_matches(socket_token(self.scope))
         client = self.scope.get("client") or (None, None)
         await check_rate(client_key(ip=client[0], authenticated_by_token=by_token))
@@ -205,7 +215,9 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
             logger.exception("watch of %s: reading the stored reply failed", session_id)
             if self.watch.session_id == session_id:
                 await self._stop_watching()
-                await self._send_error(InternalError("The server failed on this watch; the error is logged"))
+                await self._send_error(
+                    InternalError("The server failed on this watch; the error is logged")
+                )
             return
         try:
             await self.channel_layer.send(self.channel_name, answer)
@@ -263,7 +275,9 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
                 session_id = watch.session_id
                 await self._stop_watching()
                 await self._send_error(
-                    WatchLagged("This watcher fell behind and missed frames; send watch again to resume"),
+                    WatchLagged(
+                        "This watcher fell behind and missed frames; send watch again to resume"
+                    ),
                     session_id,
                 )
                 return
@@ -280,7 +294,9 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
             watch.asker.cancel()
         if watch.session_id is not None:
             with contextlib.suppress(Exception):
-                await self.channel_layer.group_discard(frames_group(watch.session_id), self.channel_name)
+                await self.channel_layer.group_discard(
+                    frames_group(watch.session_id), self.channel_name
+                )
 
 
 class _Watch:
@@ -299,8 +315,14 @@ def _stored_answer(session_id: str, found: tuple[Any, str] | None) -> dict[str, 
     if found is None:
         return {"type": "llm.snapshot", "session_id": session_id, "missing": True}
     session, text = found
-    return {"type": "llm.snapshot", "session_id": session_id, "status": session.status, "text": text,
-            "offset": len(text), "final": True}
+    return {
+        "type": "llm.snapshot",
+        "session_id": session_id,
+        "status": session.status,
+        "text": text,
+        "offset": len(text),
+        "final": True,
+    }
 
 
 def _watching(session_id: str, status: str, text: str) -> dict[str, Any]:

@@ -63,7 +63,12 @@ class Start:
     tried: tuple[dict[str, str], ...] = ()  # providers that failed before this one, with codes
 
     def frame(self) -> dict[str, Any]:
-        frame = {"type": "start", "session_id": self.session_id, "provider": self.provider, "model": self.model}
+        frame = {
+            "type": "start",
+            "session_id": self.session_id,
+            "provider": self.provider,
+            "model": self.model,
+        }
         if self.tried:
             frame["tried"] = list(self.tried)
         return frame
@@ -146,7 +151,12 @@ class Generation:
 
     def snapshot(self) -> dict[str, Any]:
         """What a new watcher is sent first: the reply so far and where live frames resume."""
-        return {"session_id": self.session_id, "status": self.status, "text": self.text, "offset": self.length}
+        return {
+            "session_id": self.session_id,
+            "status": self.status,
+            "text": self.text,
+            "offset": self.length,
+        }
 
     def cancel(self) -> None:
         """Stop the generation: the upstream closes at once and `events()` ends with `cancelled`."""
@@ -185,9 +195,13 @@ class Generation:
                 self.finished_at = time.time()
                 yield Failed(None, exc)
                 return
-            except Exception:  # the database failed: nothing was stored (the transaction rolled back)
+            except (
+                Exception
+            ):  # the database failed: nothing was stored (the transaction rolled back)
                 logger.exception("could not open a session")
-                self.error = InternalError("The server could not store the session; the error is logged")
+                self.error = InternalError(
+                    "The server could not store the session; the error is logged"
+                )
                 self.finished_at = time.time()
                 yield Failed(None, self.error)
                 return
@@ -200,7 +214,11 @@ class Generation:
         saver = autosave()
         position = opened.reply_position
         opening.add_done_callback(
-            lambda done: None if self.finished_at or done.cancelled() or done.exception() else saver.track(self, position)
+            lambda done: (
+                None
+                if self.finished_at or done.cancelled() or done.exception()
+                else saver.track(self, position)
+            )
         )
         end: Done | Failed | None = None
         try:
@@ -234,14 +252,20 @@ class Generation:
         """Fill in the finish time and (estimated if need be) usage; the end event."""
         self.finished_at = time.time()
         if self.usage is None or self.finish_reason == "cancelled":
-            self.usage = Usage.estimate(estimate_prompt_tokens(request.messages), estimate_tokens(self.text))
+            self.usage = Usage.estimate(
+                estimate_prompt_tokens(request.messages), estimate_tokens(self.text)
+            )
         if self.error is not None:
             return Failed(self.session_id, self.error)
         reason = self.finish_reason if self.finish_reason in FINISH_REASONS else "stop"
         return Done(self.session_id, reason, self.usage)
 
     async def _close(
-        self, opening: asyncio.Future[OpenedSession], broadcaster: Broadcaster, position: int, end: Done | Failed
+        self,
+        opening: asyncio.Future[OpenedSession],
+        broadcaster: Broadcaster,
+        position: int,
+        end: Done | Failed,
     ) -> None:
         """Store the end, then tell watchers: runs to completion even if the client leaves."""
         try:
@@ -266,7 +290,9 @@ class Generation:
                 if attempt == STORE_ATTEMPTS - 1:
                     logger.exception("could not store the end of session %s", self.session_id)
                 else:
-                    logger.warning("storing the end of session %s failed; trying again", self.session_id)
+                    logger.warning(
+                        "storing the end of session %s failed; trying again", self.session_id
+                    )
                     await asyncio.sleep(STORE_RETRY_DELAY * 2**attempt)
         with contextlib.suppress(Exception):
             await mark_unstored(self.session_id)
@@ -302,7 +328,9 @@ class Generation:
                 self.tried.append({"provider": provider.alias, "code": exc.code})
                 logger.warning(
                     "provider %s failed before its first token (%s); trying %s",
-                    provider.alias, exc.code, chain[position + 1].alias,
+                    provider.alias,
+                    exc.code,
+                    chain[position + 1].alias,
                 )
 
     async def _stream_from(
@@ -314,7 +342,9 @@ class Generation:
             max_tokens=request.max_tokens or provider.max_tokens,
             prompt_tokens=estimate_prompt_tokens(request.messages),
         )
-        chunks = coalesce_chunks(source, max_chars=self.coalesce_chars, max_delay=self.coalesce_delay)
+        chunks = coalesce_chunks(
+            source, max_chars=self.coalesce_chars, max_delay=self.coalesce_delay
+        )
         async with aclosing(chunks):
             async for chunk in chunks:
                 if not self._started:

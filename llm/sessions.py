@@ -16,7 +16,7 @@ import socket
 import uuid
 import weakref
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone as dt_timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from channels.db import database_sync_to_async
@@ -47,7 +47,7 @@ def worker_id() -> str:
 
 
 def _at(timestamp: float | None) -> datetime | None:
-    return None if timestamp is None else datetime.fromtimestamp(timestamp, tz=dt_timezone.utc)
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, tz=UTC)
 
 
 @dataclass
@@ -79,10 +79,21 @@ def _continue_session(session_id: str, messages: list[MessageDict], provider: st
             Session.objects.filter(pk=session_id)
             .filter(~Q(status=Session.Status.STREAMING) | Q(updated_at__lt=now - STALE_AFTER))
             .update(
-                status=Session.Status.STREAMING, provider=provider, tried=[], worker=worker_id(), updated_at=now,
-                finish_reason="", error_code="", error_message="", prompt_tokens=None,
-                completion_tokens=None, usage_estimated=False, first_token_at=None,
-                finished_at=None, ttft_ms=None, tokens_per_second=None,
+                status=Session.Status.STREAMING,
+                provider=provider,
+                tried=[],
+                worker=worker_id(),
+                updated_at=now,
+                finish_reason="",
+                error_code="",
+                error_message="",
+                prompt_tokens=None,
+                completion_tokens=None,
+                usage_estimated=False,
+                first_token_at=None,
+                finished_at=None,
+                ttft_ms=None,
+                tokens_per_second=None,
             )
         )
         if not claimed:
@@ -92,11 +103,19 @@ def _continue_session(session_id: str, messages: list[MessageDict], provider: st
         session = Session.objects.get(pk=session_id)
         history: list[MessageDict] = [
             {"role": role, "content": content}
-            for role, content in session.messages.order_by("position").values_list("role", "content")
+            for role, content in session.messages.order_by("position").values_list(
+                "role", "content"
+            )
         ]
         start = (session.messages.aggregate(last=Max("position"))["last"] or -1) + 1
         Message.objects.bulk_create(
-            Message(session=session, position=start + i, role=m["role"], content=m["content"], created_at=now)
+            Message(
+                session=session,
+                position=start + i,
+                role=m["role"],
+                content=m["content"],
+                created_at=now,
+            )
             for i, m in enumerate(messages)
         )
     return OpenedSession(str(session.pk), history, start + len(messages))
@@ -111,7 +130,9 @@ class _Creator:
         self._pending: list[tuple[str, list[MessageDict], str, asyncio.Future[OpenedSession]]] = []
         self._task: asyncio.Task[None] | None = None
 
-    def create(self, session_id: str, messages: list[MessageDict], provider: str) -> asyncio.Future[OpenedSession]:
+    def create(
+        self, session_id: str, messages: list[MessageDict], provider: str
+    ) -> asyncio.Future[OpenedSession]:
         future: asyncio.Future[OpenedSession] = asyncio.get_running_loop().create_future()
         self._pending.append((session_id, messages, provider, future))
         if self._task is None or self._task.done():
@@ -181,7 +202,9 @@ def _insert_sessions(rows: list[tuple[str, list[MessageDict], str]]) -> None:
     )
 
 
-_creators: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Creator] = weakref.WeakKeyDictionary()
+_creators: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Creator] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _creator() -> _Creator:
@@ -200,11 +223,14 @@ def close_session(generation: Generation, position: int) -> None:
     if g.first_token_at is not None:
         ttft_ms = round((g.first_token_at - g.created_at) * 1000, 1)
         if g.usage is not None and g.finished_at is not None and g.finished_at > g.first_token_at:
-            tokens_per_second = round(g.usage.completion_tokens / (g.finished_at - g.first_token_at), 1)
+            tokens_per_second = round(
+                g.usage.completion_tokens / (g.finished_at - g.first_token_at), 1
+            )
     with transaction.atomic():
         if g.text:
             Message.objects.update_or_create(
-                session_id=g.session_id, position=position,
+                session_id=g.session_id,
+                position=position,
                 defaults={"role": Message.Role.ASSISTANT, "content": g.text},
             )
         Session.objects.filter(pk=g.session_id).update(
@@ -250,7 +276,9 @@ def stored_reply(session_id: str) -> tuple[Session, str] | None:
     if session is None:
         return None
     last = session.messages.order_by("-position").first()
-    return session, (last.content if last is not None and last.role == Message.Role.ASSISTANT else "")
+    return session, (
+        last.content if last is not None and last.role == Message.Role.ASSISTANT else ""
+    )
 
 
 @database_sync_to_async
@@ -259,7 +287,10 @@ def check_continuable(session_id: str) -> None:
     session = Session.objects.filter(pk=session_id).only("status", "updated_at").first()
     if session is None:
         raise SessionNotFound(f"Session {session_id} does not exist")
-    if session.status == Session.Status.STREAMING and session.updated_at >= timezone.now() - STALE_AFTER:
+    if (
+        session.status == Session.Status.STREAMING
+        and session.updated_at >= timezone.now() - STALE_AFTER
+    ):
         raise GenerationInProgress(f"Session {session_id} is already generating a reply")
 
 
@@ -285,7 +316,8 @@ def recover_interrupted() -> int:
     streaming = Session.objects.filter(status=Session.Status.STREAMING)
     stale_before = timezone.now() - STALE_AFTER
     dead = [
-        pk for pk, worker, updated in streaming.values_list("pk", "worker", "updated_at")
+        pk
+        for pk, worker, updated in streaming.values_list("pk", "worker", "updated_at")
         if updated < stale_before or not _alive(worker)
     ]
     if not dead:

@@ -1,6 +1,5 @@
 """`GET /api/v1/sessions` (paginated, filtered) and `GET /api/v1/sessions/{id}` (with its messages)."""
 
-
 from datetime import datetime
 from typing import Literal
 from uuid import UUID
@@ -104,7 +103,9 @@ async def list_sessions(request: HttpRequest, filters: Query[SessionFilters]) ->
     summary="Read one stored session with its messages",
 )
 async def get_session(request: HttpRequest, session_id: UUID) -> Session:
-    ordered = Prefetch("messages", queryset=Message.objects.order_by("position"), to_attr="ordered_messages")
+    ordered = Prefetch(
+        "messages", queryset=Message.objects.order_by("position"), to_attr="ordered_messages"
+    )
     session = await Session.objects.prefetch_related(ordered).filter(pk=session_id).afirst()
     if session is None:
         raise SessionNotFound(f"Session {session_id} does not exist")

@@ -75,12 +75,18 @@ def parse_chunk(data: str | bytes, *, provider: str | None = None) -> StreamChun
     try:
         payload = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise BadGateway(f"Upstream sent invalid JSON in its stream: {_shown(data)}", provider=provider) from exc
+        raise BadGateway(
+            f"Upstream sent invalid JSON in its stream: {_shown(data)}", provider=provider
+        ) from exc
     if not isinstance(payload, dict):
-        raise BadGateway(f"Upstream sent a stream chunk that is not an object: {_shown(data)}", provider=provider)
+        raise BadGateway(
+            f"Upstream sent a stream chunk that is not an object: {_shown(data)}", provider=provider
+        )
     raise_for_error(payload, provider=provider)
 
-    chunk = StreamChunk(model=storable(payload.get("model")), usage=parse_usage(payload.get("usage")))
+    chunk = StreamChunk(
+        model=storable(payload.get("model")), usage=parse_usage(payload.get("usage"))
+    )
     choices = payload.get("choices") or []
     if choices:
         choice = choices[0]
@@ -90,7 +96,9 @@ def parse_chunk(data: str | bytes, *, provider: str | None = None) -> StreamChun
             raise BadGateway("Upstream sent non-text content in its stream", provider=provider)
         chunk.text = storable(content) or ""
         reason = choice.get("finish_reason") or None
-        chunk.finish_reason = storable(reason if reason is None or isinstance(reason, str) else str(reason))
+        chunk.finish_reason = storable(
+            reason if reason is None or isinstance(reason, str) else str(reason)
+        )
     return chunk
 
 
@@ -122,7 +130,9 @@ def raise_for_error(payload: dict[str, Any], *, provider: str | None = None) -> 
         if choice.get("error"):
             raise BadGateway(_error_text(choice["error"]), provider=provider)
         if choice.get("finish_reason") == "error":
-            raise BadGateway("Upstream ended the reply with finish_reason 'error'", provider=provider)
+            raise BadGateway(
+                "Upstream ended the reply with finish_reason 'error'", provider=provider
+            )
 
 
 def parse_usage(value: Any) -> Usage | None:
@@ -144,7 +154,11 @@ def _error_text(error: Any) -> str:
     if isinstance(error, dict):
         message = error.get("message") or "no message"
         code = error.get("code")
-        return f"Upstream reported an error ({code}): {message}" if code else f"Upstream reported an error: {message}"
+        return (
+            f"Upstream reported an error ({code}): {message}"
+            if code
+            else f"Upstream reported an error: {message}"
+        )
     return f"Upstream reported an error: {error}"
 
 
@@ -279,7 +293,11 @@ async def bounded_stream(
             count += len(kept)
             if kept:
                 yield StreamChunk(text="".join(kept), model=chunk.model, pieces=kept)
-            yield StreamChunk(finish_reason="length", usage=Usage.estimate(prompt_tokens, count), model=chunk.model)
+            yield StreamChunk(
+                finish_reason="length",
+                usage=Usage.estimate(prompt_tokens, count),
+                model=chunk.model,
+            )
             return
     finally:
         aclose = getattr(iterator, "aclose", None)

@@ -36,7 +36,9 @@ class Usage:
     @classmethod
     def estimate(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
         """Counts made here, for upstreams that send none (LM Studio, llama.cpp)."""
-        return cls(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, estimated=True)
+        return cls(
+            prompt_tokens, completion_tokens, prompt_tokens + completion_tokens, estimated=True
+        )
 
 
 @dataclass(slots=True)

@@ -19,7 +19,6 @@ from ninja.responses import NinjaJSONEncoder
 
 from health.api import router as health_router
 from llm.api import router as llm_router
-from llm.sessions_api import router as sessions_router
 from llm.exceptions import (
     InvalidJSON,
     InvalidRequest,
@@ -28,6 +27,7 @@ from llm.exceptions import (
     Unauthorized,
 )
 from llm.schemas import describe_validation_errors
+from llm.sessions_api import router as sessions_router
 
 from . import __version__
 
@@ -104,7 +104,8 @@ def on_body_too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpRespons
     from django.conf import settings
 
     return error_response(
-        request, MessageTooLarge(f"The request body is larger than {settings.LLM_MAX_REQUEST_BYTES} bytes")
+        request,
+        MessageTooLarge(f"The request body is larger than {settings.LLM_MAX_REQUEST_BYTES} bytes"),
     )
 
 
@@ -128,5 +129,7 @@ def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
 @api.exception_handler(Exception)
 def on_unexpected_error(request: HttpRequest, exc: Exception) -> HttpResponse:
     logger.exception("unhandled error in %s %s", request.method, request.path)
-    body = {"error": {"code": "INTERNAL_ERROR", "message": "The server failed; the error is logged."}}
+    body = {
+        "error": {"code": "INTERNAL_ERROR", "message": "The server failed; the error is logged."}
+    }
     return api.create_response(request, body, status=500)

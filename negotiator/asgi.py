@@ -34,7 +34,9 @@ application = StartUp(
     ProtocolTypeRouter(
         {
             "http": django_asgi_app,
-            "websocket": HostsAndCorsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+            "websocket": HostsAndCorsOriginValidator(
+                AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+            ),
         }
     )
 )

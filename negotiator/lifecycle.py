@@ -81,4 +81,6 @@ def attach_to_daphne(app: StartUp) -> None:
 
     # Once its event loop runs (`callWhenRunning` alone fires just before it does).
     reactor.callWhenRunning(lambda: reactor.callLater(0, app.start))
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: Deferred.fromFuture(asyncio.ensure_future(shutdown())))
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: Deferred.fromFuture(asyncio.ensure_future(shutdown()))
+    )

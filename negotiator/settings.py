@@ -92,28 +92,37 @@ TEMPLATES = [
 
 # PostgreSQL connections each process may hold (checked by llm.E003).
 DATABASE_POOL_SIZE = _number("DATABASE_POOL_SIZE", 4, int)
+
+
 def _database(url: str) -> tuple[dict, str]:
     """DATABASES["default"] from DATABASE_URL; for a URL Django cannot use, a dummy database
     (any query fails) and why, which llm.E011 reports, never repeating the URL (it may hold a
     password)."""
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # django-environ's warning prints the URL, password included
+            warnings.simplefilter(
+                "ignore"
+            )  # django-environ's warning prints the URL, password included
             config = environ.Env.db_url_config(url)
     except ValueError:
         return {"ENGINE": "django.db.backends.dummy"}, "its port is not a number"
     if config.get("ENGINE") not in ("django.db.backends.sqlite3", "django.db.backends.postgresql"):
-        return {"ENGINE": "django.db.backends.dummy"}, "it is neither a postgres:// nor a sqlite:// URL"
+        return {
+            "ENGINE": "django.db.backends.dummy"
+        }, "it is neither a postgres:// nor a sqlite:// URL"
     return config, ""
 
 
-_default, DATABASE_URL_PROBLEM = _database(env.str("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}"))
+_default, DATABASE_URL_PROBLEM = _database(
+    env.str("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}")
+)
 DATABASES = {"default": _default}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL: readers never wait for the writer; synchronous=NORMAL: no fsync per commit (a power
     # cut may lose the last commits, never corrupt); IMMEDIATE: no lock upgrades that fail.
     DATABASES["default"].setdefault("OPTIONS", {}).update(
-        init_command="PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;", transaction_mode="IMMEDIATE"
+        init_command="PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        transaction_mode="IMMEDIATE",
     )
     # Async code reaches the ORM through one long-lived thread: keep its connection open
     # rather than reconnecting (and re-running the PRAGMAs) around every query.
@@ -124,7 +133,9 @@ elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
         "min_size": 1,
-        "max_size": DATABASE_POOL_SIZE if isinstance(DATABASE_POOL_SIZE, int) and DATABASE_POOL_SIZE > 0 else 4,
+        "max_size": DATABASE_POOL_SIZE
+        if isinstance(DATABASE_POOL_SIZE, int) and DATABASE_POOL_SIZE > 0
+        else 4,
         "timeout": 10,
     }
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
@@ -143,7 +154,9 @@ else:
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 if REDIS_URL:
-    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 

@@ -7,5 +7,10 @@ from . import __version__
 
 def index(request: HttpRequest) -> JsonResponse:
     return JsonResponse(
-        {"name": "negotiator", "version": __version__, "docs": "/api/v1/docs", "playground": "/playground/"}
+        {
+            "name": "negotiator",
+            "version": __version__,
+            "docs": "/api/v1/docs",
+            "playground": "/playground/",
+        }
     )

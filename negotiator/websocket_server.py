@@ -29,8 +29,10 @@ class BoundedSendWebSocketProtocol(ws_protocol.WebSocketProtocol):
     def pending_bytes(self) -> int:
         """Bytes given to the TCP transport and not yet sent (0 where it cannot be told, as on TLS)."""
         transport = self.transport
-        return len(getattr(transport, "dataBuffer", b"")) - getattr(transport, "offset", 0) + getattr(
-            transport, "_tempDataLen", 0
+        return (
+            len(getattr(transport, "dataBuffer", b""))
+            - getattr(transport, "offset", 0)
+            + getattr(transport, "_tempDataLen", 0)
         )
 
     def serverSend(self, content: Any, binary: bool = False) -> None:
@@ -40,15 +42,19 @@ class BoundedSendWebSocketProtocol(ws_protocol.WebSocketProtocol):
         waiting = self.pending_bytes()
         if limit and waiting > limit:
             self.too_slow = True
-            logger.warning("closing WebSocket %s: %d bytes wait for a client that reads too slowly",
-                           self.client_addr, waiting)
+            logger.warning(
+                "closing WebSocket %s: %d bytes wait for a client that reads too slowly",
+                self.client_addr,
+                waiting,
+            )
             self.sendClose(code=CLOSE_TOO_SLOW, reason=f"too slow: over {limit} bytes unread")
             if hasattr(self, "application_queue"):
-                self.application_queue.put_nowait({"type": "websocket.disconnect", "code": CLOSE_TOO_SLOW})
+                self.application_queue.put_nowait(
+                    {"type": "websocket.disconnect", "code": CLOSE_TOO_SLOW}
+                )
                 self.muted = True  # daphne then sends no second disconnect when the socket closes
             return
         super().serverSend(content, binary)
-
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         """autobahn's, for the one case the relay uses (a whole frame, nothing queued), without
@@ -72,8 +78,11 @@ class BoundedSendWebSocketProtocol(ws_protocol.WebSocketProtocol):
         transport = self.transport
         sock = getattr(transport, "socket", None)
         if (
-            sock is None or getattr(transport, "TLS", True) or not getattr(transport, "connected", False)
-            or getattr(transport, "disconnecting", True) or self.pending_bytes()
+            sock is None
+            or getattr(transport, "TLS", True)
+            or not getattr(transport, "connected", False)
+            or getattr(transport, "disconnecting", True)
+            or self.pending_bytes()
         ):
             transport.write(data)
             return

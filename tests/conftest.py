@@ -57,12 +57,20 @@ def llm_config(settings: Any) -> Callable[..., dict[str, Any]]:
         base_url=UPSTREAM, default_model="test-model", read_timeout=5
     )
     base["PROVIDERS"]["openrouter"]["CONFIG"].update(
-        base_url=OPENROUTER, default_model="openrouter/auto", api_key=OPENROUTER_KEY, enabled=True,
+        base_url=OPENROUTER,
+        default_model="openrouter/auto",
+        api_key=OPENROUTER_KEY,
+        enabled=True,
         read_timeout=5,
     )
     base["DEFAULTS"].update(
-        connect_timeout=2, idle_timeout=5, ping_timeout=2, max_retries=3, retry_delay=0,
-        retry_after_max=60, max_tokens=64,
+        connect_timeout=2,
+        idle_timeout=5,
+        ping_timeout=2,
+        max_retries=3,
+        retry_delay=0,
+        retry_after_max=60,
+        max_tokens=64,
     )
 
     def configure(
@@ -103,8 +111,11 @@ def smollm2_server() -> Iterator[str]:
 @pytest.fixture
 def smollm2(smollm2_server: str, llm_config: Callable[..., dict[str, Any]]) -> str:
     """LLM settings pointed at the real SmolLM2 server (its first listed model, as in production)."""
-    llm_config(lm_studio={"base_url": smollm2_server, "default_model": "", "read_timeout": 30},
-               idle_timeout=30, max_tokens=48)
+    llm_config(
+        lm_studio={"base_url": smollm2_server, "default_model": "", "read_timeout": 30},
+        idle_timeout=30,
+        max_tokens=48,
+    )
     return smollm2_server
 
 

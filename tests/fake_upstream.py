@@ -45,13 +45,14 @@ class Reply:
     done: bool = True  # send `data: [DONE]`
     timestamps: bool = False  # append the send time (perf_counter) to each token as "|<t>"
 
-
     @classmethod
     def from_spec(cls, spec: str) -> Reply:
         """A reply described in the model name, for benchmarks through a relay that passes the
         model on: `bench:tokens=2000,delay=0.02,ttft=0.2,timestamps=1` (`size=4096` pads each
         token to that many characters)."""
-        options = dict(part.split("=", 1) for part in spec.removeprefix("bench:").split(",") if "=" in part)
+        options = dict(
+            part.split("=", 1) for part in spec.removeprefix("bench:").split(",") if "=" in part
+        )
         size = int(options.get("size", 0))
         return cls(
             tokens=[f" t{i}".ljust(size, ".") for i in range(int(options.get("tokens", 100)))],
@@ -156,7 +157,9 @@ class FakeUpstream:
             body = raw
         return Request(method, path, headers, body, time.monotonic())
 
-    async def _answer(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _answer(
+        self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
         if request.method == "GET" and request.path.endswith("/models"):
             body = {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}
             await self._send_json(writer, 200, body)
@@ -169,8 +172,13 @@ class FakeUpstream:
         if isinstance(model, str) and model.startswith("bench:"):
             reply = Reply.from_spec(model)
         if reply.status != 200:
-            body = reply.body or json.dumps({"error": {"message": f"fake upstream says {reply.status}"}}).encode()
-            await self._send(writer, reply.status, body, {"content-type": "application/json", **reply.headers})
+            body = (
+                reply.body
+                or json.dumps({"error": {"message": f"fake upstream says {reply.status}"}}).encode()
+            )
+            await self._send(
+                writer, reply.status, body, {"content-type": "application/json", **reply.headers}
+            )
             return True
         if not (isinstance(request.body, dict) and request.body.get("stream")):
             await asyncio.sleep(reply.ttft + reply.delay * len(reply.tokens))
@@ -178,7 +186,9 @@ class FakeUpstream:
             return True
         return await self._stream(reply, reader, writer)
 
-    async def _stream(self, reply: Reply, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _stream(
+        self, reply: Reply, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
         """Stream the reply while watching the socket: a client that leaves is recorded at once.
 
         The connection closes after each stream, so the watch never reads a next request.
@@ -229,10 +239,18 @@ class FakeUpstream:
                     await asyncio.sleep(reply.keepalive or 3600)
                     await self._raw(writer, b": keep-alive\n\n")
             if index == reply.error_after:
-                await self._event(writer, self._chunk(reply, {
-                    "error": {"code": 502, "message": "Provider disconnected"},
-                    "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
-                }))
+                await self._event(
+                    writer,
+                    self._chunk(
+                        reply,
+                        {
+                            "error": {"code": 502, "message": "Provider disconnected"},
+                            "choices": [
+                                {"index": 0, "delta": {"content": ""}, "finish_reason": "error"}
+                            ],
+                        },
+                    ),
+                )
                 await self._end(writer)
                 return True
             if index == reply.invalid_after:
@@ -242,13 +260,21 @@ class FakeUpstream:
             if index and reply.delay:
                 await asyncio.sleep(reply.delay)
             text = f"{token}|{time.perf_counter():.6f}" if reply.timestamps else token
-            await self._event(writer, self._chunk(reply, {
-                "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]
-            }))
+            await self._event(
+                writer,
+                self._chunk(
+                    reply,
+                    {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]},
+                ),
+            )
         if reply.finish_reason:
-            await self._event(writer, self._chunk(reply, {
-                "choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]
-            }))
+            await self._event(
+                writer,
+                self._chunk(
+                    reply,
+                    {"choices": [{"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]},
+                ),
+            )
         if reply.usage:
             await self._event(writer, self._chunk(reply, {"choices": [], "usage": reply.usage}))
         if reply.done:
@@ -257,13 +283,25 @@ class FakeUpstream:
         return True
 
     def _chunk(self, reply: Reply, payload: dict[str, Any]) -> dict[str, Any]:
-        return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": reply.model, **payload}
+        return {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "model": reply.model,
+            **payload,
+        }
 
     def _completion(self, reply: Reply) -> dict[str, Any]:
         return {
-            "id": "chatcmpl-fake", "object": "chat.completion", "model": reply.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(reply.tokens)},
-                         "finish_reason": reply.finish_reason or "stop"}],
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "model": reply.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(reply.tokens)},
+                    "finish_reason": reply.finish_reason or "stop",
+                }
+            ],
             **({"usage": reply.usage} if reply.usage else {}),
         }
 
@@ -279,9 +317,13 @@ class FakeUpstream:
         await writer.drain()
 
     async def _send_json(self, writer: asyncio.StreamWriter, status: int, body: Any) -> None:
-        await self._send(writer, status, json.dumps(body).encode(), {"content-type": "application/json"})
+        await self._send(
+            writer, status, json.dumps(body).encode(), {"content-type": "application/json"}
+        )
 
-    async def _send(self, writer: asyncio.StreamWriter, status: int, body: bytes, headers: dict[str, str]) -> None:
+    async def _send(
+        self, writer: asyncio.StreamWriter, status: int, body: bytes, headers: dict[str, str]
+    ) -> None:
         head = f"HTTP/1.1 {status} X\r\ncontent-length: {len(body)}\r\n" + "".join(
             f"{k}: {v}\r\n" for k, v in headers.items()
         )
@@ -298,8 +340,14 @@ async def _main() -> None:
     parser.add_argument("--ttft", type=float, default=0.0)
     parser.add_argument("--timestamps", action="store_true")
     args = parser.parse_args()
-    upstream = FakeUpstream(Reply(tokens=[f" t{i}" for i in range(args.tokens)], delay=args.delay,
-                                  ttft=args.ttft, timestamps=args.timestamps))
+    upstream = FakeUpstream(
+        Reply(
+            tokens=[f" t{i}" for i in range(args.tokens)],
+            delay=args.delay,
+            ttft=args.ttft,
+            timestamps=args.timestamps,
+        )
+    )
     print(await upstream.start(args.host, args.port), flush=True)
     await asyncio.Event().wait()
 

@@ -35,7 +35,9 @@ def open_stalled_socket(base: str, frame: dict[str, Any]) -> socket.socket:
     payload = json.dumps(frame).encode()
     mask = os.urandom(4)
     size = len(payload)
-    header = bytes([0x81]) + (bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + struct.pack("!H", size))
+    header = bytes([0x81]) + (
+        bytes([0x80 | size]) if size < 126 else bytes([0x80 | 126]) + struct.pack("!H", size)
+    )
     sock.sendall(header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
     return sock
 
@@ -47,12 +49,12 @@ def server_frames(data: bytes) -> Iterator[tuple[int, bytes]]:
         opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
         at += 2
         if length == 126:
-            length, at = struct.unpack("!H", data[at:at + 2])[0], at + 2
+            length, at = struct.unpack("!H", data[at : at + 2])[0], at + 2
         elif length == 127:
-            length, at = struct.unpack("!Q", data[at:at + 8])[0], at + 8
+            length, at = struct.unpack("!Q", data[at : at + 8])[0], at + 8
         if at + length > len(data):
             return
-        yield opcode, data[at:at + length]
+        yield opcode, data[at : at + length]
         at += length
 
 

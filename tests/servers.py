@@ -41,13 +41,19 @@ def wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: fl
 
 
 def manage(env: dict[str, str], *args: str) -> None:
-    subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "manage.py", *args], cwd=ROOT, env=env, check=True, capture_output=True
+    )
 
 
 @contextmanager
-def process(command: list[str], env: dict[str, str], log: Path, ready_url: str) -> Iterator[subprocess.Popen[bytes]]:
+def process(
+    command: list[str], env: dict[str, str], log: Path, ready_url: str
+) -> Iterator[subprocess.Popen[bytes]]:
     """Run `command` from the project root until the block ends; wait until `ready_url` answers."""
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
     try:
         wait_http(ready_url, proc, log)
         yield proc
@@ -61,13 +67,24 @@ def process(command: list[str], env: dict[str, str], log: Path, ready_url: str) 
 
 
 @contextmanager
-def daphne_process(env: dict[str, str], log_dir: Path, *, migrate: bool = True) -> Iterator[tuple[str, int]]:
+def daphne_process(
+    env: dict[str, str], log_dir: Path, *, migrate: bool = True
+) -> Iterator[tuple[str, int]]:
     """The project under daphne on a random port, on its migrated database: (base URL, pid)."""
     if migrate:
         manage(env, "migrate", "--noinput", "-v0")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "negotiator.asgi:application"]
+    command = [
+        sys.executable,
+        "-m",
+        "daphne",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "negotiator.asgi:application",
+    ]
     with process(command, env, log_dir / f"daphne-{port}.log", base + "/") as proc:
         yield base, proc.pid
 

@@ -135,7 +135,10 @@ class OpenAICompatibleProvider:
                 ),
                 transport=upstream_transport(
                     self.base_url,
-                    httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_keepalive),
+                    httpx.Limits(
+                        max_connections=self.max_connections,
+                        max_keepalive_connections=self.max_keepalive,
+                    ),
                 ),
                 headers=self.get_headers(),
                 follow_redirects=False,
@@ -201,7 +204,9 @@ class OpenAICompatibleProvider:
             choice = body["choices"][0]
             content = storable(choice["message"].get("content")) or ""
         except (KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise BadGateway(f"{self.alias} sent a completion without a message", provider=self.alias) from exc
+            raise BadGateway(
+                f"{self.alias} sent a completion without a message", provider=self.alias
+            ) from exc
         usage = parse_usage(body.get("usage")) or Usage.estimate(
             estimate_prompt_tokens(request.messages), estimate_tokens(content)
         )
@@ -227,7 +232,9 @@ class OpenAICompatibleProvider:
         while True:
             delivered = False
             try:
-                async with aclosing(self._stream_once(payload, model, attempt, prompt_tokens)) as chunks:
+                async with aclosing(
+                    self._stream_once(payload, model, attempt, prompt_tokens)
+                ) as chunks:
                     async for chunk in chunks:
                         delivered = delivered or bool(chunk.text)
                         yield chunk
@@ -246,7 +253,9 @@ class OpenAICompatibleProvider:
         try:
             return [str(item["id"]) for item in body["data"]]
         except (KeyError, TypeError) as exc:
-            raise BadGateway(f"{self.alias} sent a model list without data", provider=self.alias) from exc
+            raise BadGateway(
+                f"{self.alias} sent a model list without data", provider=self.alias
+            ) from exc
 
     async def _send(
         self, method: str, path: str, *, model: str = "", retries: int | None = None, **kwargs: Any
@@ -281,7 +290,9 @@ class OpenAICompatibleProvider:
         usage = None
         tokens = 0
         try:
-            async with closing_stream(self.client, "POST", "chat/completions", json=payload) as response:
+            async with closing_stream(
+                self.client, "POST", "chat/completions", json=payload
+            ) as response:
                 status = response.status_code
                 if response.status_code >= 400:
                     await response.aread()
@@ -365,7 +376,16 @@ class OpenAICompatibleProvider:
             outcome = "closed-by-caller"
             raise
         finally:
-            self._log("POST", "chat/completions", model, status, attempt, started, tokens=tokens, outcome=outcome)
+            self._log(
+                "POST",
+                "chat/completions",
+                model,
+                status,
+                attempt,
+                started,
+                tokens=tokens,
+                outcome=outcome,
+            )
         yield StreamChunk(
             finish_reason=finish_reason,
             usage=usage or Usage.estimate(prompt_tokens, tokens),
@@ -389,7 +409,10 @@ class OpenAICompatibleProvider:
         delay = retry_after if retry_after is not None else backoff_delay(attempt, self.retry_delay)
         logger.info(
             "retrying provider=%s code=%s attempt=%d delay_s=%.2f",
-            self.alias, exc.code, attempt + 2, delay,
+            self.alias,
+            exc.code,
+            attempt + 2,
+            delay,
         )
         await asyncio.sleep(delay)
 
@@ -397,7 +420,9 @@ class OpenAICompatibleProvider:
         try:
             body = orjson.loads(response.content)
         except orjson.JSONDecodeError as exc:
-            raise BadGateway(f"{self.alias} sent a body that is not JSON", provider=self.alias) from exc
+            raise BadGateway(
+                f"{self.alias} sent a body that is not JSON", provider=self.alias
+            ) from exc
         if not isinstance(body, dict):
             raise BadGateway(f"{self.alias} sent JSON that is not an object", provider=self.alias)
         return body
@@ -420,11 +445,25 @@ class OpenAICompatibleProvider:
         return exc
 
     def _log(
-        self, method: str, path: str, model: str, status: int | str, attempt: int, started: float, **extra: Any
+        self,
+        method: str,
+        path: str,
+        model: str,
+        status: int | str,
+        attempt: int,
+        started: float,
+        **extra: Any,
     ) -> None:
         latency_ms = (time.perf_counter() - started) * 1000
         details = "".join(f" {key}={value}" for key, value in extra.items())
         logger.info(
             "upstream provider=%s %s /%s model=%s status=%s attempt=%d latency_ms=%.1f%s",
-            self.alias, method, path, model or "-", status, attempt + 1, latency_ms, details,
+            self.alias,
+            method,
+            path,
+            model or "-",
+            status,
+            attempt + 1,
+            latency_ms,
+            details,
         )

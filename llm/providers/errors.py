@@ -7,7 +7,13 @@ from typing import TYPE_CHECKING
 import httpx
 import orjson
 
-from ..exceptions import BadGateway, LLMError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from ..exceptions import (
+    BadGateway,
+    LLMError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from ..retries import RETRY_STATUSES, parse_retry_after
 
 if TYPE_CHECKING:
@@ -27,7 +33,9 @@ def status_error(provider: OpenAICompatibleProvider, response: httpx.Response) -
     return UpstreamRejected(message, provider=provider.alias)
 
 
-def transport_error(provider: OpenAICompatibleProvider, exc: httpx.HTTPError, *, started_body: bool) -> LLMError:
+def transport_error(
+    provider: OpenAICompatibleProvider, exc: httpx.HTTPError, *, started_body: bool
+) -> LLMError:
     """A timeout is LLM_TIMEOUT; a failure once the body started is a cut stream (LLM_BAD_GATEWAY);
     before it, the server is unreachable (LLM_UNAVAILABLE)."""
     alias = provider.alias
@@ -44,7 +52,9 @@ def transport_error(provider: OpenAICompatibleProvider, exc: httpx.HTTPError, *,
         return BadGateway(f"{alias} cut the stream: {type(exc).__name__}", provider=alias)
     if isinstance(exc, httpx.UnsupportedProtocol | httpx.InvalidURL):
         return UpstreamRejected(f"{alias} base URL is not usable: {exc}", provider=alias)
-    return UpstreamUnavailable(f"{alias} is unreachable at {provider.base_url}: {type(exc).__name__}", provider=alias)
+    return UpstreamUnavailable(
+        f"{alias} is unreachable at {provider.base_url}: {type(exc).__name__}", provider=alias
+    )
 
 
 def error_detail(response: httpx.Response) -> str:

@@ -21,6 +21,7 @@ import httpx
 from httpcore._utils import is_socket_readable
 from httpx._utils import URLPattern, get_environment_proxies  # httpx's own reading of *_PROXY
 
+
 class AsyncioStream(httpcore.AsyncNetworkStream):
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -55,7 +56,10 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
         self._writer.close()
 
     async def start_tls(
-        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
     ) -> httpcore.AsyncNetworkStream:
         try:
             async with asyncio.timeout(timeout):
@@ -104,7 +108,9 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         socket_options: Any = None,
     ) -> httpcore.AsyncNetworkStream:
         local = (local_address, 0) if local_address else None
-        return await _connected(asyncio.open_connection(host, port, local_addr=local), timeout, socket_options)
+        return await _connected(
+            asyncio.open_connection(host, port, local_addr=local), timeout, socket_options
+        )
 
     async def connect_unix_socket(
         self, path: str, timeout: float | None = None, socket_options: Any = None
@@ -135,7 +141,9 @@ async def _connected(
 
 
 @asynccontextmanager
-async def closing_stream(client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> AsyncIterator[httpx.Response]:
+async def closing_stream(
+    client: httpx.AsyncClient, method: str, url: str, **kwargs: Any
+) -> AsyncIterator[httpx.Response]:
     """`client.stream(...)`, but the response's close cannot be cut short by a cancellation.
 
     httpcore shields its clean-up only from anyio cancel scopes; a plain `task.cancel()` landing
@@ -163,10 +171,15 @@ class _ReclaimOrphans:
     _connections: list[httpcore.AsyncConnectionInterface]
 
     def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
-        owned = {id(request.connection) for request in self._requests if request.connection is not None}
+        owned = {
+            id(request.connection) for request in self._requests if request.connection is not None
+        }
         orphans = [
-            connection for connection in self._connections
-            if id(connection) not in owned and not connection.is_idle() and not connection.is_closed()
+            connection
+            for connection in self._connections
+            if id(connection) not in owned
+            and not connection.is_idle()
+            and not connection.is_closed()
         ]
         for connection in orphans:
             self._connections.remove(connection)
@@ -197,8 +210,10 @@ def asyncio_transport(
     }
     if isinstance(built, httpcore.AsyncHTTPProxy):
         transport._pool = ReclaimingHTTPProxy(
-            proxy_url=built._proxy_url, proxy_headers=built._proxy_headers,  # its auth included
-            proxy_ssl_context=built._proxy_ssl_context, **options,
+            proxy_url=built._proxy_url,
+            proxy_headers=built._proxy_headers,  # its auth included
+            proxy_ssl_context=built._proxy_ssl_context,
+            **options,
         )
     elif type(built) is httpcore.AsyncConnectionPool:
         transport._pool = ReclaimingConnectionPool(**options)

@@ -17,7 +17,9 @@ class OpenRouterProvider(OpenAICompatibleProvider):
     response started as a chunk with `error` and `finish_reason: "error"` (`LLM_BAD_GATEWAY`).
     """
 
-    def __init__(self, alias: str, *, site_url: str = "", app_name: str = "", **config: Any) -> None:
+    def __init__(
+        self, alias: str, *, site_url: str = "", app_name: str = "", **config: Any
+    ) -> None:
         self.site_url = site_url
         self.app_name = app_name
         super().__init__(alias, **config)

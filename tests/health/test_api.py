@@ -18,7 +18,10 @@ from tests.conftest import OPENROUTER, OPENROUTER_KEY, UPSTREAM
 
 pytestmark = [pytest.mark.django_db, pytest.mark.usefixtures("close_clients")]
 
-MODELS = {"object": "list", "data": [{"id": "test-model", "object": "model"}, {"id": "other-model"}]}
+MODELS = {
+    "object": "list",
+    "data": [{"id": "test-model", "object": "model"}, {"id": "other-model"}],
+}
 
 
 def assert_error(error: Any, code: str) -> None:
@@ -190,7 +193,15 @@ async def test_llm_status_reachable(llm_config: Callable[..., Any], respx_mock: 
     respx_mock.get(f"{UPSTREAM}/models").respond(json=MODELS)
     status, body, _ = await get("/api/v1/llm/status")
     assert status == 200
-    assert set(body) == {"provider", "base_url", "reachable", "latency_ms", "models", "error", "database"}
+    assert set(body) == {
+        "provider",
+        "base_url",
+        "reachable",
+        "latency_ms",
+        "models",
+        "error",
+        "database",
+    }
     assert body["provider"] == "lm_studio"
     assert body["base_url"] == UPSTREAM
     assert body["reachable"] is True
@@ -212,7 +223,9 @@ async def test_llm_status_unreachable(llm_config: Callable[..., Any], respx_mock
     assert_error(body["error"], "LLM_UNAVAILABLE")
 
 
-async def test_llm_status_upstream_bad_json(llm_config: Callable[..., Any], respx_mock: Any) -> None:
+async def test_llm_status_upstream_bad_json(
+    llm_config: Callable[..., Any], respx_mock: Any
+) -> None:
     respx_mock.get(f"{UPSTREAM}/models").respond(200, content=b"<html>not json</html>")
     status, body, _ = await get("/api/v1/llm/status")
     assert status == 200
@@ -224,7 +237,9 @@ async def test_llm_status_openrouter_never_shows_the_key(
     llm_config: Callable[..., Any], respx_mock: Any
 ) -> None:
     llm_config(provider="openrouter")
-    route = respx_mock.get(f"{OPENROUTER}/models").respond(json={"data": [{"id": "openrouter/auto"}]})
+    route = respx_mock.get(f"{OPENROUTER}/models").respond(
+        json={"data": [{"id": "openrouter/auto"}]}
+    )
     status, body, content = await get("/api/v1/llm/status")
     assert status == 200
     assert body["provider"] == "openrouter"
@@ -255,7 +270,9 @@ async def test_llm_status_openrouter_error_echoing_the_key_is_redacted(
     assert_error(body["error"], "LLM_BAD_REQUEST")
 
 
-async def test_llm_status_openrouter_disabled(llm_config: Callable[..., Any], respx_mock: Any) -> None:
+async def test_llm_status_openrouter_disabled(
+    llm_config: Callable[..., Any], respx_mock: Any
+) -> None:
     llm_config(provider="openrouter", openrouter={"enabled": False})
     status, body, content = await get("/api/v1/llm/status")
     assert status == 200

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-from html import unescape as html_unescape
-from urllib.parse import urlencode
 from collections.abc import Callable
 from datetime import timedelta
+from html import unescape as html_unescape
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from django.contrib import admin
@@ -23,19 +23,31 @@ SECRET = "sk-or-v1-SECRET123"
 CHANGELIST = "/admin/llm/session/"
 
 
-def make_session(*, texts: tuple[str, ...] = ("Hello", "Hi there"), age: timedelta = timedelta(0), **fields: Any) -> Session:
+def make_session(
+    *, texts: tuple[str, ...] = ("Hello", "Hi there"), age: timedelta = timedelta(0), **fields: Any
+) -> Session:
     created = timezone.now() - age
     values = {
-        "provider": "lm_studio", "model": "fake-model", "status": "completed", "finish_reason": "stop",
-        "prompt_tokens": 11, "completion_tokens": 22, "ttft_ms": 123.4, "tokens_per_second": 45.6,
-        "created_at": created, "first_token_at": created + timedelta(milliseconds=123),
-        "finished_at": created + timedelta(seconds=1), "updated_at": created,
+        "provider": "lm_studio",
+        "model": "fake-model",
+        "status": "completed",
+        "finish_reason": "stop",
+        "prompt_tokens": 11,
+        "completion_tokens": 22,
+        "ttft_ms": 123.4,
+        "tokens_per_second": 45.6,
+        "created_at": created,
+        "first_token_at": created + timedelta(milliseconds=123),
+        "finished_at": created + timedelta(seconds=1),
+        "updated_at": created,
     }
     values.update(fields)
     session = Session.objects.create(**values)
     roles = ["user", "assistant"]
     for position, text in enumerate(texts):
-        Message.objects.create(session=session, position=position, role=roles[position % 2], content=text)
+        Message.objects.create(
+            session=session, position=position, role=roles[position % 2], content=text
+        )
     return session
 
 
@@ -50,11 +62,19 @@ def sessions() -> dict[str, Session]:
     return {
         "completed": make_session(texts=("What about the red bicycle?", "The red one is 90.")),
         "failed": make_session(
-            status="failed", error_code="LLM_BAD_GATEWAY", error_message="cut", provider="openrouter",
-            model="openrouter/auto", texts=("Tell me about zeppelins", "Zeppe"),
+            status="failed",
+            error_code="LLM_BAD_GATEWAY",
+            error_message="cut",
+            provider="openrouter",
+            model="openrouter/auto",
+            texts=("Tell me about zeppelins", "Zeppe"),
         ),
-        "old": make_session(status="cancelled", model="other-model", age=timedelta(days=40),
-                            texts=("An old conversation", "ancient")),
+        "old": make_session(
+            status="cancelled",
+            model="other-model",
+            age=timedelta(days=40),
+            texts=("An old conversation", "ancient"),
+        ),
     }
 
 
@@ -77,8 +97,10 @@ def test_changelist_renders_with_its_columns(staff: Client, sessions: dict[str, 
     assert any("token" in column and column != "tokens_per_second" for column in columns), columns
 
     html = response.content.decode()
-    headers = [re.sub(r"<[^>]+>", "", h).strip().lower()
-               for h in re.findall(r'<th scope="col"[^>]*>(.*?)</th>', html, flags=re.S)]
+    headers = [
+        re.sub(r"<[^>]+>", "", h).strip().lower()
+        for h in re.findall(r'<th scope="col"[^>]*>(.*?)</th>', html, flags=re.S)
+    ]
     joined = " | ".join(headers)
     for label in ("status", "provider", "model", "tokens", "ttft", "created"):
         assert label in joined, (label, headers)
@@ -109,18 +131,30 @@ def test_changelist_filters_by_date(staff: Client, sessions: dict[str, Session])
     response = staff.get(CHANGELIST)
     # The filters shown include the status, provider, model and date choices.
     html = response.content.decode()
-    for param in ('"?status__exact=failed"', '"?provider=openrouter"', '"?model=other-model"', '"?created_at__gte='):
+    for param in (
+        '"?status__exact=failed"',
+        '"?provider=openrouter"',
+        '"?model=other-model"',
+        '"?created_at__gte=',
+    ):
         assert param in html, param
 
     # Follow the date filter's own links: "Today", "Past 7 days", "This month", "This year".
     links = [html_unescape(link) for link in re.findall(r'href="(\?created_at__gte=[^"]*)"', html)]
     assert len(links) == 4, links
     for link in links[:2]:
-        assert listed(staff.get(CHANGELIST + link)) == {sessions["completed"], sessions["failed"]}, link
+        assert listed(staff.get(CHANGELIST + link)) == {
+            sessions["completed"],
+            sessions["failed"],
+        }, link
 
     midnight = timezone.localtime().replace(hour=0, minute=0, second=0, microsecond=0)
-    window = urlencode({"created_at__gte": (midnight - timedelta(days=60)).isoformat(),
-                        "created_at__lt": (midnight - timedelta(days=20)).isoformat()})
+    window = urlencode(
+        {
+            "created_at__gte": (midnight - timedelta(days=60)).isoformat(),
+            "created_at__lt": (midnight - timedelta(days=20)).isoformat(),
+        }
+    )
     assert listed(staff.get(f"{CHANGELIST}?{window}")) == {sessions["old"]}
 
     old_day = (timezone.now() - timedelta(days=40)).date()
@@ -147,11 +181,21 @@ def test_search_over_several_matching_messages_lists_the_session_once(staff: Cli
 
 def test_detail_page_shows_the_session_and_its_messages_in_order(staff: Client) -> None:
     session = Session.objects.create(
-        provider="lm_studio", model="fake-model", status="failed", error_code="LLM_TIMEOUT",
-        error_message="no token within 60 s", prompt_tokens=5, completion_tokens=2, ttft_ms=77.7,
+        provider="lm_studio",
+        model="fake-model",
+        status="failed",
+        error_code="LLM_TIMEOUT",
+        error_message="no token within 60 s",
+        prompt_tokens=5,
+        completion_tokens=2,
+        ttft_ms=77.7,
     )
     # Created out of order: the page shows them by position.
-    for position, role, text in [(2, "assistant", "THIRD-turn"), (0, "system", "FIRST-turn"), (1, "user", "SECOND-turn")]:
+    for position, role, text in [
+        (2, "assistant", "THIRD-turn"),
+        (0, "system", "FIRST-turn"),
+        (1, "user", "SECOND-turn"),
+    ]:
         Message.objects.create(session=session, position=position, role=role, content=text)
 
     response = staff.get(f"{CHANGELIST}{session.pk}/change/")
@@ -167,19 +211,29 @@ def test_detail_page_shows_the_session_and_its_messages_in_order(staff: Client) 
     assert 'name="messages-0-content"' not in html
 
 
-def test_history_cannot_be_added_changed_or_deleted(staff: Client, sessions: dict[str, Session]) -> None:
+def test_history_cannot_be_added_changed_or_deleted(
+    staff: Client, sessions: dict[str, Session]
+) -> None:
     session = sessions["completed"]
     assert staff.get(f"{CHANGELIST}add/").status_code == 403
-    assert staff.post(f"{CHANGELIST}add/", {"provider": "x", "status": "completed"}).status_code == 403
+    assert (
+        staff.post(f"{CHANGELIST}add/", {"provider": "x", "status": "completed"}).status_code == 403
+    )
     assert staff.get(f"{CHANGELIST}{session.pk}/delete/").status_code == 403
     assert staff.post(f"{CHANGELIST}{session.pk}/delete/", {"post": "yes"}).status_code == 403
-    response = staff.post(f"{CHANGELIST}{session.pk}/change/", {"status": "failed", "provider": "x"})
+    response = staff.post(
+        f"{CHANGELIST}{session.pk}/change/", {"status": "failed", "provider": "x"}
+    )
     assert response.status_code == 403
     # No bulk delete either.
     changelist = staff.get(CHANGELIST)
     assert "delete_selected" not in changelist.content.decode()
-    assert staff.post(CHANGELIST, {"action": "delete_selected", "_selected_action": [session.pk]}).status_code in (
-        200, 302, 403,
+    assert staff.post(
+        CHANGELIST, {"action": "delete_selected", "_selected_action": [session.pk]}
+    ).status_code in (
+        200,
+        302,
+        403,
     )
     assert Session.objects.count() == 3
     session.refresh_from_db()
@@ -190,7 +244,10 @@ def test_history_cannot_be_added_changed_or_deleted(staff: Client, sessions: dic
     message = session.messages.first()
     assert staff.get("/admin/llm/message/add/").status_code == 403
     assert staff.get(f"/admin/llm/message/{message.pk}/delete/").status_code == 403
-    assert staff.post(f"/admin/llm/message/{message.pk}/change/", {"content": "changed"}).status_code == 403
+    assert (
+        staff.post(f"/admin/llm/message/{message.pk}/change/", {"content": "changed"}).status_code
+        == 403
+    )
     message.refresh_from_db()
     assert message.content == "What about the red bicycle?"
 
@@ -199,7 +256,9 @@ def test_history_cannot_be_added_changed_or_deleted(staff: Client, sessions: dic
 
 
 @pytest.mark.parametrize("path", [CHANGELIST, "/admin/llm/message/", "/admin/"])
-def test_anonymous_user_is_sent_to_the_login_page(client: Client, sessions: dict[str, Session], path: str) -> None:
+def test_anonymous_user_is_sent_to_the_login_page(
+    client: Client, sessions: dict[str, Session], path: str
+) -> None:
     response = client.get(path)
     assert response.status_code == 302
     assert response["Location"].startswith(reverse("admin:login"))

@@ -30,7 +30,9 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("
 # Fake upstream ------------------------------------------------------------------------------
 
 
-def chunk(text: str | None = None, finish: str | None = None, *, model: str = SERVED, **extra: Any) -> dict:
+def chunk(
+    text: str | None = None, finish: str | None = None, *, model: str = SERVED, **extra: Any
+) -> dict:
     delta = {} if text is None else {"content": text}
     return {
         "id": "chatcmpl-1",
@@ -66,13 +68,17 @@ class CutStream(httpx.AsyncByteStream):
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         yield self.first
-        raise httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+        raise httpx.RemoteProtocolError(
+            "peer closed connection without sending complete message body"
+        )
 
 
 # Client helpers -----------------------------------------------------------------------------
 
 
-async def post(body: Any, *, raw: bytes | str | None = None, content_type: str = "application/json") -> Any:
+async def post(
+    body: Any, *, raw: bytes | str | None = None, content_type: str = "application/json"
+) -> Any:
     data = raw if raw is not None else json.dumps(body)
     return await AsyncClient().post("/api/v1/llm/generate", data=data, content_type=content_type)
 
@@ -89,7 +95,7 @@ async def read_frames(response: Any) -> list[dict[str, Any]]:
         if not block.strip():
             continue
         lines = block.split("\n")
-        data = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+        data = [line[len("data: ") :] for line in lines if line.startswith("data: ")]
         assert data, f"an SSE event without data: {block!r}"
         frames.append(json.loads("\n".join(data)))
     return frames
@@ -151,7 +157,9 @@ async def test_json_reply(llm_config: Callable[..., Any], respx_mock: Any) -> No
     assert payload["max_tokens"] == 64  # LLM_MAX_TOKENS when the client gives none
 
 
-async def test_json_reply_with_upstream_usage(llm_config: Callable[..., Any], respx_mock: Any) -> None:
+async def test_json_reply_with_upstream_usage(
+    llm_config: Callable[..., Any], respx_mock: Any
+) -> None:
     usage = {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}
     respx_mock.post(COMPLETIONS).mock(return_value=reply("Hi", "!", usage=usage))
     response = await post({"messages": HELLO})
@@ -159,7 +167,9 @@ async def test_json_reply_with_upstream_usage(llm_config: Callable[..., Any], re
     assert response.json()["usage"] == {**usage, "estimated": False}
 
 
-async def test_json_reply_finish_reason_length(llm_config: Callable[..., Any], respx_mock: Any) -> None:
+async def test_json_reply_finish_reason_length(
+    llm_config: Callable[..., Any], respx_mock: Any
+) -> None:
     respx_mock.post(COMPLETIONS).mock(return_value=reply("a", "b", finish="length"))
     response = await post({"messages": HELLO, "max_tokens": 2})
     assert response.status_code == 200, response.content
@@ -167,7 +177,9 @@ async def test_json_reply_finish_reason_length(llm_config: Callable[..., Any], r
     assert response.json()["content"] == "ab"
 
 
-async def test_client_options_are_sent_upstream(llm_config: Callable[..., Any], respx_mock: Any) -> None:
+async def test_client_options_are_sent_upstream(
+    llm_config: Callable[..., Any], respx_mock: Any
+) -> None:
     route = respx_mock.post(COMPLETIONS).mock(return_value=reply("ok"))
     messages = [
         {"role": "system", "content": "You sell bicycles."},
@@ -176,7 +188,13 @@ async def test_client_options_are_sent_upstream(llm_config: Callable[..., Any], 
         {"role": "user", "content": "130?"},
     ]
     response = await post(
-        {"messages": messages, "model": "my-model", "max_tokens": 7, "temperature": 0.5, "stream": False}
+        {
+            "messages": messages,
+            "model": "my-model",
+            "max_tokens": 7,
+            "temperature": 0.5,
+            "stream": False,
+        }
     )
     assert response.status_code == 200, response.content
     payload = sent_payload(route)
@@ -213,7 +231,12 @@ async def test_stream_reply_frames(llm_config: Callable[..., Any], respx_mock: A
     assert set(kinds[1:-1]) == {"token"}
     assert len(kinds) >= 3
     start, done = frames[0], frames[-1]
-    assert start == {"type": "start", "session_id": start["session_id"], "provider": "lm_studio", "model": SERVED}
+    assert start == {
+        "type": "start",
+        "session_id": start["session_id"],
+        "provider": "lm_studio",
+        "model": SERVED,
+    }
     uuid.UUID(start["session_id"])
     assert "".join(frame["text"] for frame in frames[1:-1]) == "Hello there!"
     assert all(frame["text"] for frame in frames[1:-1])
@@ -223,7 +246,9 @@ async def test_stream_reply_frames(llm_config: Callable[..., Any], respx_mock: A
     assert set(done["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens", "estimated"}
 
 
-async def test_stream_reply_carries_upstream_usage(llm_config: Callable[..., Any], respx_mock: Any) -> None:
+async def test_stream_reply_carries_upstream_usage(
+    llm_config: Callable[..., Any], respx_mock: Any
+) -> None:
     usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
     respx_mock.post(COMPLETIONS).mock(return_value=reply("Hi", usage=usage))
     frames = await read_frames(await post({"messages": HELLO, "stream": True}))
@@ -267,7 +292,9 @@ async def test_stream_failure_after_tokens_ends_with_an_error_frame(
 ) -> None:
     first = sse(chunk("Hel"), chunk("lo"), done=False)
     route = respx_mock.post(COMPLETIONS).mock(
-        side_effect=lambda request: httpx.Response(200, headers=SSE_HEADERS, stream=CutStream(first))
+        side_effect=lambda request: httpx.Response(
+            200, headers=SSE_HEADERS, stream=CutStream(first)
+        )
     )
     frames = await read_frames(await post({"messages": HELLO, "stream": True}))
     kinds = [frame["type"] for frame in frames]
@@ -314,7 +341,9 @@ async def test_timeout_is_503_timeout(
     assert_error(await post({"messages": HELLO}), 503, "LLM_TIMEOUT")
 
 
-async def test_5xx_after_retries_is_503_unavailable(llm_config: Callable[..., Any], respx_mock: Any) -> None:
+async def test_5xx_after_retries_is_503_unavailable(
+    llm_config: Callable[..., Any], respx_mock: Any
+) -> None:
     llm_config(max_retries=1)
     route = respx_mock.post(COMPLETIONS).respond(500, json={"error": {"message": "model crashed"}})
     error = assert_error(await post({"messages": HELLO}), 503, "LLM_UNAVAILABLE")
@@ -339,10 +368,23 @@ async def test_retry_after_beyond_the_maximum_fails_at_once(
     [
         pytest.param(sse("{not json", done=False), id="bad-json"),
         pytest.param(sse(chunk("Hi"), "{not json"), id="bad-json-after-a-token"),
-        pytest.param(sse({"error": {"message": "Provider overloaded", "code": 502}}), id="error-chunk"),
         pytest.param(
-            sse({**chunk(None, "error"), "choices": [{"index": 0, "delta": {}, "finish_reason": "error",
-                                                       "error": {"message": "upstream died"}}]}),
+            sse({"error": {"message": "Provider overloaded", "code": 502}}), id="error-chunk"
+        ),
+        pytest.param(
+            sse(
+                {
+                    **chunk(None, "error"),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {},
+                            "finish_reason": "error",
+                            "error": {"message": "upstream died"},
+                        }
+                    ],
+                }
+            ),
             id="choice-error",
         ),
         pytest.param(sse(chunk("Hi"), done=False), id="eof-without-finish-reason"),
@@ -350,7 +392,9 @@ async def test_retry_after_beyond_the_maximum_fails_at_once(
         pytest.param(sse(done=True), id="empty-stream"),
     ],
 )
-async def test_unusable_upstream_is_502(llm_config: Callable[..., Any], respx_mock: Any, body: bytes) -> None:
+async def test_unusable_upstream_is_502(
+    llm_config: Callable[..., Any], respx_mock: Any, body: bytes
+) -> None:
     llm_config(max_retries=0)
     respx_mock.post(COMPLETIONS).respond(200, headers=SSE_HEADERS, content=body)
     assert_error(await post({"messages": HELLO}), 502, "LLM_BAD_GATEWAY")
@@ -367,7 +411,9 @@ async def test_cut_stream_is_502(llm_config: Callable[..., Any], respx_mock: Any
     assert route.call_count == 1  # a token was delivered: not retried
 
 
-async def test_non_event_stream_answer_is_502(llm_config: Callable[..., Any], respx_mock: Any) -> None:
+async def test_non_event_stream_answer_is_502(
+    llm_config: Callable[..., Any], respx_mock: Any
+) -> None:
     llm_config(max_retries=0)
     respx_mock.post(COMPLETIONS).respond(200, html="<html>proxy login</html>")
     assert_error(await post({"messages": HELLO}), 502, "LLM_BAD_GATEWAY")
@@ -392,7 +438,9 @@ async def test_openrouter_disabled_is_400(llm_config: Callable[..., Any], respx_
     assert not respx_mock.calls
 
 
-async def test_openrouter_without_key_is_400(llm_config: Callable[..., Any], respx_mock: Any) -> None:
+async def test_openrouter_without_key_is_400(
+    llm_config: Callable[..., Any], respx_mock: Any
+) -> None:
     llm_config(provider="openrouter", openrouter={"api_key": ""})
     assert_error(await post({"messages": HELLO}), 400, "LLM_PROVIDER_DISABLED")
     assert not respx_mock.calls
@@ -414,7 +462,9 @@ async def test_openrouter_error_echoing_the_key_is_redacted(
     respx_mock.post(f"{OPENROUTER}/chat/completions").respond(
         403, json={"error": {"message": f"Key {OPENROUTER_KEY} is not allowed this model"}}
     )
-    assert_error(await post({"messages": HELLO}), 400, "LLM_BAD_REQUEST")  # asserts the key is absent
+    assert_error(
+        await post({"messages": HELLO}), 400, "LLM_BAD_REQUEST"
+    )  # asserts the key is absent
 
 
 # Client errors ------------------------------------------------------------------------------
@@ -430,7 +480,9 @@ async def test_openrouter_error_echoing_the_key_is_redacted(
         pytest.param(b"\xff\xfe\x00garbage", id="binary"),
     ],
 )
-async def test_malformed_json_is_400(llm_config: Callable[..., Any], respx_mock: Any, raw: Any) -> None:
+async def test_malformed_json_is_400(
+    llm_config: Callable[..., Any], respx_mock: Any, raw: Any
+) -> None:
     assert_error(await post(None, raw=raw), 400, "INVALID_JSON")
     assert not respx_mock.calls
 
@@ -438,28 +490,43 @@ async def test_malformed_json_is_400(llm_config: Callable[..., Any], respx_mock:
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        pytest.param({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", id="unknown-role"),
+        pytest.param(
+            {"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role", id="unknown-role"
+        ),
         pytest.param({"messages": [{"role": "user"}]}, "messages.0.content", id="missing-content"),
         pytest.param({"messages": [{"content": "x"}]}, "messages.0.role", id="missing-role"),
         pytest.param({"messages": []}, "messages", id="empty-messages"),
         pytest.param({}, "messages", id="missing-messages"),
         pytest.param({"messages": "Hello"}, "messages", id="messages-not-a-list"),
         pytest.param({"messages": ["Hello"]}, "messages.0", id="message-not-an-object"),
-        pytest.param({"messages": [{"role": "user", "content": 42}]}, "messages.0.content", id="content-int"),
-        pytest.param({"messages": [{"role": "user", "content": None}]}, "messages.0.content", id="content-null"),
+        pytest.param(
+            {"messages": [{"role": "user", "content": 42}]}, "messages.0.content", id="content-int"
+        ),
+        pytest.param(
+            {"messages": [{"role": "user", "content": None}]},
+            "messages.0.content",
+            id="content-null",
+        ),
         pytest.param({"messages": HELLO, "max_tokens": "ten"}, "max_tokens", id="max-tokens-text"),
         pytest.param({"messages": HELLO, "max_tokens": 0}, "max_tokens", id="max-tokens-zero"),
         pytest.param({"messages": HELLO, "max_tokens": 1.5}, "max_tokens", id="max-tokens-float"),
-        pytest.param({"messages": HELLO, "temperature": "hot"}, "temperature", id="temperature-text"),
-        pytest.param({"messages": HELLO, "temperature": -1}, "temperature", id="temperature-negative"),
+        pytest.param(
+            {"messages": HELLO, "temperature": "hot"}, "temperature", id="temperature-text"
+        ),
+        pytest.param(
+            {"messages": HELLO, "temperature": -1}, "temperature", id="temperature-negative"
+        ),
         pytest.param({"messages": HELLO, "stream": "yes"}, "stream", id="stream-text"),
         pytest.param({"messages": HELLO, "stream": 1}, "stream", id="stream-int"),
         pytest.param({"messages": HELLO, "model": 7}, "model", id="model-int"),
         pytest.param({"messages": HELLO, "model": "m" * 256}, "model", id="model-too-long"),
-        pytest.param({"messages": HELLO, "model": "fake\r\nX-Injected: 1"}, "model", id="model-two-lines"),
+        pytest.param(
+            {"messages": HELLO, "model": "fake\r\nX-Injected: 1"}, "model", id="model-two-lines"
+        ),
         pytest.param({"messages": HELLO, "banana": 1}, "banana", id="unknown-field"),
         pytest.param(
-            {"messages": [{"role": "user", "content": "x", "name": "bob"}]}, "messages.0.name",
+            {"messages": [{"role": "user", "content": "x", "name": "bob"}]},
+            "messages.0.name",
             id="unknown-message-field",
         ),
     ],
@@ -521,7 +588,9 @@ async def test_default_limit_is_one_mib(llm_config: Callable[..., Any], respx_mo
     assert not respx_mock.calls
 
 
-async def test_oversize_malformed_body_is_413_not_400(settings: Any, llm_config: Callable[..., Any]) -> None:
+async def test_oversize_malformed_body_is_413_not_400(
+    settings: Any, llm_config: Callable[..., Any]
+) -> None:
     settings.LLM_MAX_REQUEST_BYTES = 1000
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
     assert_error(await post(None, raw="{" * 2000), 413, "MESSAGE_TOO_LARGE")

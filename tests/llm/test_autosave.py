@@ -35,18 +35,22 @@ def saves(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     calls: list[dict[str, Any]] = []
 
     async def recording(changed: list[tuple[str, int, str, bool]], alive: list[str]) -> None:
-        calls.append({
-            "changed": {sid: text for sid, _, text, _ in changed},
-            "alive": list(alive),
-            "request_context": SyncToAsync.thread_sensitive_context.get(None),
-        })
+        calls.append(
+            {
+                "changed": {sid: text for sid, _, text, _ in changed},
+                "alive": list(alive),
+                "request_context": SyncToAsync.thread_sensitive_context.get(None),
+            }
+        )
 
     monkeypatch.setattr(llm.autosave, "_write", recording)
     monkeypatch.setattr(llm.autosave, "SAVE_INTERVAL", 0.05)
     return calls
 
 
-async def test_a_reply_tracked_as_the_last_one_is_untracked_is_still_saved(saves: list[dict[str, Any]]) -> None:
+async def test_a_reply_tracked_as_the_last_one_is_untracked_is_still_saved(
+    saves: list[dict[str, Any]],
+) -> None:
     """One generation ending in the same loop turn as another starts must not strand the new one
     without saves (and without the heartbeat that tells it from a dead process's)."""
     saver = Autosave()
@@ -92,14 +96,18 @@ async def test_a_late_save_never_shortens_a_stored_reply() -> None:
     await llm.autosave._write([(sid, 1, "Hello", True)], [sid])
     assert (await Message.objects.aget(session=session, position=1)).content == "Hello"
 
-    await Message.objects.filter(session=session, position=1).aupdate(content="Hello, world!")  # the end
+    await Message.objects.filter(session=session, position=1).aupdate(
+        content="Hello, world!"
+    )  # the end
     await llm.autosave._write([(sid, 1, "Hello, w", True)], [sid])  # a save that was late
     await llm.autosave._write([(sid, 1, "He", False)], [sid])
     assert (await Message.objects.aget(session=session, position=1)).content == "Hello, world!"
     await sync_to_async(session.delete)()
 
 
-async def test_a_new_turn_tracked_during_a_save_is_saved_as_new(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_new_turn_tracked_during_a_save_is_saved_as_new(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A session whose reply ends and whose next turn starts while a save is being written: the
     new turn's row does not exist yet, so its first save must create it, not update nothing."""
     calls: list[list[tuple[str, int, str, bool]]] = []
@@ -117,5 +125,8 @@ async def test_a_new_turn_tracked_during_a_save_is_saved_as_new(monkeypatch: pyt
     saver.track(first, 1)
     await saver.save()
     await saver.save()
-    assert calls == [[(first.session_id, 1, "first reply", False)], [(first.session_id, 3, "second", False)]]
+    assert calls == [
+        [(first.session_id, 1, "first reply", False)],
+        [(first.session_id, 3, "second", False)],
+    ]
     saver.untrack(first.session_id)

@@ -27,9 +27,9 @@ from llm.checks import (
     check_database_url,
     check_logging,
     check_numbers,
-    check_proxies,
     check_openrouter_key,
     check_provider,
+    check_proxies,
     run_llm_checks,
 )
 
@@ -178,7 +178,9 @@ def test_local_model_valid(settings: Any, value: str) -> None:
 # llm.E002: base URLs ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("url", ["ftp://x", "localhost:1234", "", "http://", "1234/v1", "ws://host/v1"])
+@pytest.mark.parametrize(
+    "url", ["ftp://x", "localhost:1234", "", "http://", "1234/v1", "ws://host/v1"]
+)
 def test_e002_bad_lm_studio_base_url(llm_config: Config, url: str) -> None:
     llm_config(lm_studio={"base_url": url})
     assert check_base_urls() == [
@@ -210,7 +212,13 @@ def test_e002_both_base_urls(llm_config: Config) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["http://localhost:1234/v1", "https://openrouter.ai/api/v1", "http://127.0.0.1:8080", "http://[::1]:1234/v1"]
+    "url",
+    [
+        "http://localhost:1234/v1",
+        "https://openrouter.ai/api/v1",
+        "http://127.0.0.1:8080",
+        "http://[::1]:1234/v1",
+    ],
 )
 def test_good_base_urls_pass(llm_config: Config, url: str) -> None:
     llm_config(lm_studio={"base_url": url}, openrouter={"base_url": url})
@@ -240,7 +248,9 @@ BAD_NUMBERS = [
 
 
 @pytest.mark.parametrize(("option", "env", "rule", "value"), BAD_NUMBERS)
-def test_e003_bad_number(llm_config: Config, option: str, env: str, rule: tuple[str, str], value: Any) -> None:
+def test_e003_bad_number(
+    llm_config: Config, option: str, env: str, rule: tuple[str, str], value: Any
+) -> None:
     llm_config(**{option: value})
     assert check_numbers() == [number_error(env, value, *rule)]
 
@@ -317,7 +327,11 @@ def test_e003_several_bad_numbers_each_reported(llm_config: Config) -> None:
     llm_config(connect_timeout=-1, max_retries="many", max_tokens=0)
     errors = check_numbers()
     assert {e.id for e in errors} == {"llm.E003"}
-    assert sorted(e.msg.split(" ")[0] for e in errors) == ["LLM_CONNECT_TIMEOUT", "LLM_MAX_RETRIES", "LLM_MAX_TOKENS"]
+    assert sorted(e.msg.split(" ")[0] for e in errors) == [
+        "LLM_CONNECT_TIMEOUT",
+        "LLM_MAX_RETRIES",
+        "LLM_MAX_TOKENS",
+    ]
 
 
 @pytest.mark.parametrize("value", [0, -1, "abc", 1.5, True])
@@ -352,7 +366,9 @@ def test_e004_openrouter_enabled_without_key(llm_config: Config) -> None:
 
 
 def test_e004_when_only_a_fallback(llm_config: Config) -> None:
-    llm_config(provider="lm_studio", fallbacks=["openrouter"], openrouter={"enabled": True, "api_key": ""})
+    llm_config(
+        provider="lm_studio", fallbacks=["openrouter"], openrouter={"enabled": True, "api_key": ""}
+    )
     assert check_openrouter_key() == [E004]
 
 
@@ -415,7 +431,9 @@ def test_messages_never_contain_the_key(llm_config: Config) -> None:
         ("DJANGO_HSTS_SECONDS", "DJANGO_HSTS_SECONDS", "a year", "at least 0"),
     ],
 )
-def test_e003_process_numbers(settings: Any, setting: str, name: str, value: Any, bound: str) -> None:
+def test_e003_process_numbers(
+    settings: Any, setting: str, name: str, value: Any, bound: str
+) -> None:
     setattr(settings, setting, value)
     assert check_numbers() == [number_error(name, value, "a whole number", bound)]
 
@@ -423,16 +441,22 @@ def test_e003_process_numbers(settings: Any, setting: str, name: str, value: Any
 def test_e003_port_above_the_tcp_range(settings: Any) -> None:
     settings.SERVE_PORT = 70000
     assert check_numbers() == [
-        Error("PORT is 70000; a TCP port is at most 65535.", hint="Set PORT to a free TCP port, e.g. 8000.",
-              id="llm.E003")
+        Error(
+            "PORT is 70000; a TCP port is at most 65535.",
+            hint="Set PORT to a free TCP port, e.g. 8000.",
+            id="llm.E003",
+        )
     ]
 
 
 def test_e008_log_level(settings: Any) -> None:
     settings.LOG_LEVEL = "VERBOSE"
     assert check_logging() == [
-        Error("LOG_LEVEL is 'VERBOSE', which is not a logging level.",
-              hint="Set LOG_LEVEL to DEBUG, INFO, WARNING, ERROR or CRITICAL.", id="llm.E008")
+        Error(
+            "LOG_LEVEL is 'VERBOSE', which is not a logging level.",
+            hint="Set LOG_LEVEL to DEBUG, INFO, WARNING, ERROR or CRITICAL.",
+            id="llm.E008",
+        )
     ]
 
 
@@ -440,9 +464,12 @@ def test_e009_log_dir_that_cannot_be_written(settings: Any, tmp_path: Path) -> N
     settings.LOG_DIR = str(tmp_path / "file")
     (tmp_path / "file").write_text("not a folder")
     assert check_logging() == [
-        Error(f"LOG_DIR is {settings.LOG_DIR!r}, a folder this process cannot create or write in.",
-              hint="Set LOG_DIR to a writable folder (it is created if missing), or unset it to log "
-              "to the console only.", id="llm.E009")
+        Error(
+            f"LOG_DIR is {settings.LOG_DIR!r}, a folder this process cannot create or write in.",
+            hint="Set LOG_DIR to a writable folder (it is created if missing), or unset it to log "
+            "to the console only.",
+            id="llm.E009",
+        )
     ]
     settings.LOG_DIR = str(tmp_path)
     assert check_logging() == []
@@ -485,7 +512,9 @@ BAD_ENV = [
     pytest.param({"LOG_DIR": "/proc/negotiator-logs"}, "llm.E009", id="log-dir=unwritable"),
     pytest.param({"LOG_DIR": "manage.py"}, "llm.E009", id="log-dir=a-file"),
     pytest.param({"DATABASE_URL": "mysql://u:SECRETPW@db:3306/x"}, "llm.E011", id="database=mysql"),
-    pytest.param({"DATABASE_URL": "postgres://u:SECRETPW@db:port/x"}, "llm.E011", id="database=bad-port"),
+    pytest.param(
+        {"DATABASE_URL": "postgres://u:SECRETPW@db:port/x"}, "llm.E011", id="database=bad-port"
+    ),
 ]
 
 
@@ -509,7 +538,9 @@ def test_manage_py_timeout_abc_message_names_the_variable(scratch_db: str) -> No
 
 
 def test_llm_ping_unknown_provider_option(scratch_db: str) -> None:
-    result = run_entry_point(["manage.py", "llm_ping", "--provider", "banana"], scratch_db, LLM_LOCAL_MODEL="off")
+    result = run_entry_point(
+        ["manage.py", "llm_ping", "--provider", "banana"], scratch_db, LLM_LOCAL_MODEL="off"
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert "llm.E001" in output
@@ -542,7 +573,9 @@ def no_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-def test_e010_proxy_of_an_unknown_scheme(llm_config: Config, no_proxy_env: pytest.MonkeyPatch) -> None:
+def test_e010_proxy_of_an_unknown_scheme(
+    llm_config: Config, no_proxy_env: pytest.MonkeyPatch
+) -> None:
     llm_config(lm_studio={"base_url": "http://lm-studio.internal:1234/v1"})
     no_proxy_env.setenv("HTTP_PROXY", "ftp://proxy.example.com:21")
     assert check_proxies() == [
@@ -559,7 +592,9 @@ def test_e010_proxy_of_an_unknown_scheme(llm_config: Config, no_proxy_env: pytes
 def test_proxies_that_work_pass(llm_config: Config, no_proxy_env: pytest.MonkeyPatch) -> None:
     llm_config(lm_studio={"base_url": "http://lm-studio.internal:1234/v1"})
     assert check_proxies() == []
-    no_proxy_env.setenv("HTTP_PROXY", "proxy.example.com:3128")  # no scheme: http, as httpx reads it
+    no_proxy_env.setenv(
+        "HTTP_PROXY", "proxy.example.com:3128"
+    )  # no scheme: http, as httpx reads it
     no_proxy_env.setenv("HTTPS_PROXY", "http://proxy.example.com:3128")
     assert check_proxies() == []
     no_proxy_env.setenv("HTTP_PROXY", "ftp://proxy.example.com:21")
@@ -567,7 +602,9 @@ def test_proxies_that_work_pass(llm_config: Config, no_proxy_env: pytest.MonkeyP
     assert check_proxies() == []
 
 
-def test_e010_socks_proxy_without_socksio(llm_config: Config, no_proxy_env: pytest.MonkeyPatch) -> None:
+def test_e010_socks_proxy_without_socksio(
+    llm_config: Config, no_proxy_env: pytest.MonkeyPatch
+) -> None:
     import importlib.util
 
     if importlib.util.find_spec("socksio") is not None:

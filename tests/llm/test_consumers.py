@@ -40,7 +40,9 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("
 # Frames -----------------------------------------------------------------------------------------
 
 
-async def test_generate_frames_start_tokens_one_done_estimated_usage(upstream: FakeUpstream) -> None:
+async def test_generate_frames_start_tokens_one_done_estimated_usage(
+    upstream: FakeUpstream,
+) -> None:
     comm = await open_socket()
     await generate(comm)
     frames = await until_end(comm)
@@ -70,13 +72,23 @@ async def test_generate_frames_start_tokens_one_done_estimated_usage(upstream: F
 
 
 async def test_done_carries_the_upstreams_usage(upstream: FakeUpstream) -> None:
-    upstream.default = Reply(usage={"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15})
+    upstream.default = Reply(
+        usage={"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}
+    )
     comm = await open_socket()
     frames = await generate_ok(comm)
-    assert frames[-1]["usage"] == {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15,
-                                   "estimated": False}
+    assert frames[-1]["usage"] == {
+        "prompt_tokens": 11,
+        "completion_tokens": 4,
+        "total_tokens": 15,
+        "estimated": False,
+    }
     session, _ = await wait_for_status(frames[0]["session_id"], "completed")
-    assert (session.prompt_tokens, session.completion_tokens, session.usage_estimated) == (11, 4, False)
+    assert (session.prompt_tokens, session.completion_tokens, session.usage_estimated) == (
+        11,
+        4,
+        False,
+    )
     await comm.disconnect()
 
 
@@ -92,7 +104,9 @@ async def test_fast_reply_is_coalesced_into_far_fewer_frames(upstream: FakeUpstr
     await comm.disconnect()
 
 
-async def test_start_frame_and_session_name_the_model_the_upstream_reports(upstream: FakeUpstream) -> None:
+async def test_start_frame_and_session_name_the_model_the_upstream_reports(
+    upstream: FakeUpstream,
+) -> None:
     """LM Studio serves its loaded model whatever name is asked: the reported name is stored."""
     upstream.models = ["listed-model"]
     upstream.default = Reply(model="loaded-model")
@@ -134,8 +148,12 @@ async def test_cancel_frame_ends_with_cancelled_closes_upstream_and_keeps_partia
     done = frames[-1]
     assert done["finish_reason"] == "cancelled"
     assert done["usage"]["estimated"] is True
-    assert await upstream.wait_for_disconnects(1, timeout=1.0), "the upstream request was not closed"
-    assert upstream.disconnects[0] - cancelled_at < 1.0, "the upstream saw its client leave after 1 s"
+    assert await upstream.wait_for_disconnects(1, timeout=1.0), (
+        "the upstream request was not closed"
+    )
+    assert upstream.disconnects[0] - cancelled_at < 1.0, (
+        "the upstream saw its client leave after 1 s"
+    )
     partial = text_of(frames)
     assert partial and "".join(reply).startswith(partial) and partial != "".join(reply)
 
@@ -170,7 +188,9 @@ async def test_closing_the_socket_cancels_closes_upstream_and_stores_partial_tex
     closed_at = time.monotonic()
     await comm.disconnect(timeout=5)
     frames += drained(comm)
-    assert await upstream.wait_for_disconnects(1, timeout=1.0), "the upstream request was not closed"
+    assert await upstream.wait_for_disconnects(1, timeout=1.0), (
+        "the upstream request was not closed"
+    )
     assert upstream.disconnects[0] - closed_at < 1.0, "the upstream saw its client leave after 1 s"
 
     session, messages = await wait_for_status(session_id, "cancelled")
@@ -181,7 +201,9 @@ async def test_closing_the_socket_cancels_closes_upstream_and_stores_partial_tex
     assert stored == text_of(frames)  # what was sent before the close, no more, no less
 
 
-async def test_second_generate_while_streaming_is_refused_and_first_completes(upstream: FakeUpstream) -> None:
+async def test_second_generate_while_streaming_is_refused_and_first_completes(
+    upstream: FakeUpstream,
+) -> None:
     reply = tokens(15)
     upstream.replies.append(Reply(tokens=reply, delay=0.02))
     comm = await open_socket()
@@ -213,38 +235,102 @@ BAD_FRAMES = [
     ("list", "[1]", "INVALID_REQUEST", ["object"]),
     ("string", '"x"', "INVALID_REQUEST", ["object"]),
     ("null", "null", "INVALID_REQUEST", ["object"]),
-    ("missing-type", '{"messages": [{"role": "user", "content": "Hi"}]}', "INVALID_REQUEST", ["type"]),
+    (
+        "missing-type",
+        '{"messages": [{"role": "user", "content": "Hi"}]}',
+        "INVALID_REQUEST",
+        ["type"],
+    ),
     ("unknown-type", '{"type": "shout"}', "UNKNOWN_TYPE", ["shout"]),
     ("type-not-string", '{"type": 5}', "UNKNOWN_TYPE", []),
     ("missing-messages", '{"type": "generate"}', "INVALID_REQUEST", ["messages"]),
     ("empty-messages", '{"type": "generate", "messages": []}', "INVALID_REQUEST", ["messages"]),
-    ("messages-not-list", '{"type": "generate", "messages": "Hi"}', "INVALID_REQUEST", ["messages"]),
-    ("unknown-role", '{"type": "generate", "messages": [{"role": "robot", "content": "Hi"}]}',
-     "INVALID_REQUEST", ["role"]),
-    ("content-not-string", '{"type": "generate", "messages": [{"role": "user", "content": 5}]}',
-     "INVALID_REQUEST", ["content"]),
-    ("missing-content", '{"type": "generate", "messages": [{"role": "user"}]}', "INVALID_REQUEST", ["content"]),
-    ("model-int", '{"type": "generate", "messages": [%s], "model": 5}', "INVALID_REQUEST", ["model"]),
-    ("model-too-long", '{"type": "generate", "messages": [%s], "model": "%s"}' % ("%s", "m" * 256),
-     "INVALID_REQUEST", ["model", "255"]),
-    ("model-two-lines", '{"type": "generate", "messages": [%s], "model": "a\\nb"}', "INVALID_REQUEST",
-     ["model", "one line"]),
-    ("max-tokens-str", '{"type": "generate", "messages": [%s], "max_tokens": "ten"}', "INVALID_REQUEST",
-     ["max_tokens"]),
-    ("max-tokens-zero", '{"type": "generate", "messages": [%s], "max_tokens": 0}', "INVALID_REQUEST",
-     ["max_tokens"]),
-    ("temperature-str", '{"type": "generate", "messages": [%s], "temperature": "hot"}', "INVALID_REQUEST",
-     ["temperature"]),
-    ("extra-field", '{"type": "generate", "messages": [%s], "colour": "blue"}', "INVALID_REQUEST", ["colour"]),
-    ("session-malformed", '{"type": "generate", "messages": [%s], "session_id": "nope"}', "INVALID_REQUEST",
-     ["session_id"]),
-    ("watch-malformed", '{"type": "watch", "session_id": "nope"}', "INVALID_REQUEST", ["session_id"]),
+    (
+        "messages-not-list",
+        '{"type": "generate", "messages": "Hi"}',
+        "INVALID_REQUEST",
+        ["messages"],
+    ),
+    (
+        "unknown-role",
+        '{"type": "generate", "messages": [{"role": "robot", "content": "Hi"}]}',
+        "INVALID_REQUEST",
+        ["role"],
+    ),
+    (
+        "content-not-string",
+        '{"type": "generate", "messages": [{"role": "user", "content": 5}]}',
+        "INVALID_REQUEST",
+        ["content"],
+    ),
+    (
+        "missing-content",
+        '{"type": "generate", "messages": [{"role": "user"}]}',
+        "INVALID_REQUEST",
+        ["content"],
+    ),
+    (
+        "model-int",
+        '{"type": "generate", "messages": [%s], "model": 5}',
+        "INVALID_REQUEST",
+        ["model"],
+    ),
+    (
+        "model-too-long",
+        '{"type": "generate", "messages": [%s], "model": "%s"}' % ("%s", "m" * 256),
+        "INVALID_REQUEST",
+        ["model", "255"],
+    ),
+    (
+        "model-two-lines",
+        '{"type": "generate", "messages": [%s], "model": "a\\nb"}',
+        "INVALID_REQUEST",
+        ["model", "one line"],
+    ),
+    (
+        "max-tokens-str",
+        '{"type": "generate", "messages": [%s], "max_tokens": "ten"}',
+        "INVALID_REQUEST",
+        ["max_tokens"],
+    ),
+    (
+        "max-tokens-zero",
+        '{"type": "generate", "messages": [%s], "max_tokens": 0}',
+        "INVALID_REQUEST",
+        ["max_tokens"],
+    ),
+    (
+        "temperature-str",
+        '{"type": "generate", "messages": [%s], "temperature": "hot"}',
+        "INVALID_REQUEST",
+        ["temperature"],
+    ),
+    (
+        "extra-field",
+        '{"type": "generate", "messages": [%s], "colour": "blue"}',
+        "INVALID_REQUEST",
+        ["colour"],
+    ),
+    (
+        "session-malformed",
+        '{"type": "generate", "messages": [%s], "session_id": "nope"}',
+        "INVALID_REQUEST",
+        ["session_id"],
+    ),
+    (
+        "watch-malformed",
+        '{"type": "watch", "session_id": "nope"}',
+        "INVALID_REQUEST",
+        ["session_id"],
+    ),
     ("watch-missing", '{"type": "watch"}', "INVALID_REQUEST", ["session_id"]),
     ("cancel-extra", '{"type": "cancel", "now": true}', "INVALID_REQUEST", ["now"]),
 ]
 
 
-@pytest.mark.parametrize(("text", "code", "words"), [c[1:] for c in BAD_FRAMES], ids=[c[0] for c in BAD_FRAMES])
+@pytest.mark.parametrize(
+    ("text", "code", "words"), [c[1:] for c in BAD_FRAMES], ids=[c[0] for c in BAD_FRAMES]
+)
 async def test_bad_frame_gets_error_and_connection_stays_usable(
     upstream: FakeUpstream, text: str, code: str, words: list[str]
 ) -> None:
@@ -276,7 +362,9 @@ async def test_unknown_session_id_is_session_not_found(upstream: FakeUpstream) -
 
 async def test_binary_frame_gets_error(upstream: FakeUpstream) -> None:
     comm = await open_socket()
-    await comm.send_to(bytes_data=b'{"type": "generate", "messages": [{"role": "user", "content": "Hi"}]}')
+    await comm.send_to(
+        bytes_data=b'{"type": "generate", "messages": [{"role": "user", "content": "Hi"}]}'
+    )
     error = await recv(comm)
     assert error["type"] == "error"
     assert error["code"] in ("INVALID_JSON", "INVALID_REQUEST")
@@ -284,7 +372,9 @@ async def test_binary_frame_gets_error(upstream: FakeUpstream) -> None:
     await comm.disconnect()
 
 
-async def test_frame_over_the_configured_limit_is_too_large(upstream: FakeUpstream, settings: Any) -> None:
+async def test_frame_over_the_configured_limit_is_too_large(
+    upstream: FakeUpstream, settings: Any
+) -> None:
     settings.LLM_MAX_REQUEST_BYTES = 1000
     comm = await open_socket()
     await generate(comm, messages=[{"role": "user", "content": "x" * 2000}])
@@ -298,7 +388,9 @@ async def test_frame_over_the_configured_limit_is_too_large(upstream: FakeUpstre
     await comm.disconnect()
 
 
-async def test_two_megabyte_frame_is_too_large_with_the_default_limit(upstream: FakeUpstream) -> None:
+async def test_two_megabyte_frame_is_too_large_with_the_default_limit(
+    upstream: FakeUpstream,
+) -> None:
     comm = await open_socket()
     await generate(comm, messages=[{"role": "user", "content": "x" * (2 * 1024 * 1024)}])
     error = await recv(comm)
@@ -356,8 +448,9 @@ async def test_fault_mid_stream_is_an_error_frame_and_keeps_partial_text(
     await comm.disconnect()
 
 
-async def test_refused_upstream_is_unavailable_without_start(upstream: FakeUpstream,
-                                                             llm_config: Callable[..., Any]) -> None:
+async def test_refused_upstream_is_unavailable_without_start(
+    upstream: FakeUpstream, llm_config: Callable[..., Any]
+) -> None:
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -381,13 +474,17 @@ async def test_refused_upstream_is_unavailable_without_start(upstream: FakeUpstr
 # Continuation ---------------------------------------------------------------------------------
 
 
-async def test_generate_with_session_id_continues_the_stored_conversation(upstream: FakeUpstream) -> None:
+async def test_generate_with_session_id_continues_the_stored_conversation(
+    upstream: FakeUpstream,
+) -> None:
     comm = await open_socket()
     first = await generate_ok(comm)
     session_id = first[0]["session_id"]
     upstream.replies.append(Reply(tokens=["Fine", ", thanks"]))
     turn = {"role": "user", "content": "How are you?"}
-    second = await generate_ok(comm, expected="Fine, thanks", messages=[turn], session_id=session_id)
+    second = await generate_ok(
+        comm, expected="Fine, thanks", messages=[turn], session_id=session_id
+    )
     assert second[0]["session_id"] == session_id
     assert second[-1]["session_id"] == session_id
     assert upstream.chat_requests[-1].body["messages"] == [
@@ -396,8 +493,12 @@ async def test_generate_with_session_id_continues_the_stored_conversation(upstre
         turn,
     ]
     session, messages = await wait_for_status(session_id, "completed")
-    assert messages == [("user", "Hi"), ("assistant", HELLO_REPLY), ("user", "How are you?"),
-                        ("assistant", "Fine, thanks")]
+    assert messages == [
+        ("user", "Hi"),
+        ("assistant", HELLO_REPLY),
+        ("user", "How are you?"),
+        ("assistant", "Fine, thanks"),
+    ]
     assert len(await all_sessions()) == 1
     await comm.disconnect()
 
@@ -407,7 +508,9 @@ async def test_continuing_a_session_that_is_streaming_is_refused(upstream: FakeU
     a, b = await open_socket(), await open_socket()
     await generate(a)
     start = await recv(a)
-    await generate(b, messages=[{"role": "user", "content": "me too"}], session_id=start["session_id"])
+    await generate(
+        b, messages=[{"role": "user", "content": "me too"}], session_id=start["session_id"]
+    )
     frames = await until_end(b)
     assert frames[-1]["type"] == "error"
     assert frames[-1]["code"] == "GENERATION_IN_PROGRESS"
@@ -420,7 +523,9 @@ async def test_continuing_a_session_that_is_streaming_is_refused(upstream: FakeU
     await b.disconnect()
 
 
-async def test_continuation_of_a_cancelled_session_sends_its_partial_reply(upstream: FakeUpstream) -> None:
+async def test_continuation_of_a_cancelled_session_sends_its_partial_reply(
+    upstream: FakeUpstream,
+) -> None:
     upstream.replies.append(Reply(tokens=tokens(100), delay=0.02))
     comm = await open_socket()
     await generate(comm)
@@ -436,4 +541,3 @@ async def test_continuation_of_a_cancelled_session_sends_its_partial_reply(upstr
         {"role": "user", "content": "go on"},
     ]
     await comm.disconnect()
-

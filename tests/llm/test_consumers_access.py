@@ -61,9 +61,13 @@ async def test_cors_allowed_origin_matching_in_the_validator(settings: Any) -> N
     """The validator the app is wrapped in, built after the setting is read (as at start-up)."""
     settings.CORS_ALLOWED_ORIGINS = ["http://localhost:5173", "https://app.example.com"]
     app = HostsAndCorsOriginValidator(URLRouter(websocket_urlpatterns))
-    expected = {"http://localhost:5173": True, "https://app.example.com": True,
-                "http://app.example.com": False, "https://app.example.com.evil.example": False,
-                "http://evil.example": False}
+    expected = {
+        "http://localhost:5173": True,
+        "https://app.example.com": True,
+        "http://app.example.com": False,
+        "https://app.example.com.evil.example": False,
+        "http://evil.example": False,
+    }
     seen = {}
     for value in expected:
         comm = WebsocketCommunicator(app, PATH, headers=origin(value))
@@ -93,14 +97,18 @@ async def test_no_token_needed_when_api_token_is_empty(upstream: FakeUpstream) -
 
 
 async def _session_cookie(*, is_staff: bool) -> list[tuple[bytes, bytes]]:
-    user = await get_user_model().objects.acreate(username=f"u{random.randrange(10**9)}", is_staff=is_staff)
+    user = await get_user_model().objects.acreate(
+        username=f"u{random.randrange(10**9)}", is_staff=is_staff
+    )
     client = Client()
     await sync_to_async(client.force_login)(user)
     cookie = client.cookies["sessionid"].value
     return [(b"origin", b"http://localhost"), (b"cookie", f"sessionid={cookie}".encode())]
 
 
-async def test_staff_session_cookie_passes_without_token(upstream: FakeUpstream, settings: Any) -> None:
+async def test_staff_session_cookie_passes_without_token(
+    upstream: FakeUpstream, settings: Any
+) -> None:
     settings.API_TOKEN = "secret"
     comm = WebsocketCommunicator(application, PATH, headers=await _session_cookie(is_staff=True))
     connected, _ = await comm.connect(timeout=TIMEOUT)
@@ -114,11 +122,16 @@ async def test_staff_session_cookie_passes_without_token(upstream: FakeUpstream,
 # Rate limit -----------------------------------------------------------------------------------
 
 
-async def test_third_generate_in_a_minute_is_rate_limited(upstream: FakeUpstream, settings: Any) -> None:
+async def test_third_generate_in_a_minute_is_rate_limited(
+    upstream: FakeUpstream, settings: Any
+) -> None:
     settings.LLM_RATE_LIMIT = "2/m"
     comm = WebsocketCommunicator(application, PATH, headers=origin("http://localhost"))
     # A client address of its own, so no other test's count (same cache, same minute) is shared.
-    comm.scope["client"] = (f"10.{random.randrange(256)}.{random.randrange(256)}.{random.randrange(1, 255)}", 5555)
+    comm.scope["client"] = (
+        f"10.{random.randrange(256)}.{random.randrange(256)}.{random.randrange(1, 255)}",
+        5555,
+    )
     assert (await comm.connect(timeout=TIMEOUT))[0]
     await generate_ok(comm)
     await generate_ok(comm)

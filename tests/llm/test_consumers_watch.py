@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-
 from channels.layers import get_channel_layer
 
 from llm.broadcast import control_group, frames_group
@@ -65,14 +64,18 @@ async def test_watch_mid_stream_gets_snapshot_then_live_frames_without_gap_or_do
     assert watching["session_id"] == session_id
     assert watching["status"] == "streaming"
     assert "".join(reply).startswith(watching["text"])
-    assert text_of(frames_a).startswith(watching["text"]) or watching["text"].startswith(text_of(frames_a))
+    assert text_of(frames_a).startswith(watching["text"]) or watching["text"].startswith(
+        text_of(frames_a)
+    )
 
     frames_b = await until_end(b)
     frames_a += await until_end(a)
     assert_sequence(frames_a)
     assert text_of(frames_a) == "".join(reply)
     assert {f["type"] for f in frames_b[:-1]} <= {"token"}, frames_b  # no start, no second watching
-    assert watching["text"] + text_of(frames_b) == "".join(reply)  # nothing missing, nothing doubled
+    assert watching["text"] + text_of(frames_b) == "".join(
+        reply
+    )  # nothing missing, nothing doubled
     assert frames_b[-1] == frames_a[-1]  # the same done frame
     assert await b.receive_nothing(timeout=0.1)
     await a.disconnect()
@@ -119,7 +122,11 @@ async def test_watcher_sees_a_cancel_as_done_cancelled(upstream: FakeUpstream) -
 async def test_watcher_sees_a_fault_as_the_same_error_frame(
     upstream: FakeUpstream, llm_config: Callable[..., Any]
 ) -> None:
-    llm_config(lm_studio={"base_url": upstream.base_url, "default_model": ""}, idle_timeout=0.5, max_retries=0)
+    llm_config(
+        lm_studio={"base_url": upstream.base_url, "default_model": ""},
+        idle_timeout=0.5,
+        max_retries=0,
+    )
     reply = tokens(10)
     upstream.default = Reply(tokens=reply, delay=0.02, stall_after=6)
     a, b = await open_socket(), await open_socket()
@@ -166,7 +173,9 @@ async def watch_played_by_hand() -> tuple[str, Any, str, Any, dict[str, Any]]:
     return session_id, layer, control, b, request
 
 
-async def test_seam_is_exact_however_the_layer_orders_snapshot_and_frames(upstream: FakeUpstream) -> None:
+async def test_seam_is_exact_however_the_layer_orders_snapshot_and_frames(
+    upstream: FakeUpstream,
+) -> None:
     """Plays the generating process of another worker: live frames reach the watcher before its
     snapshot (they must wait), some of them already inside the snapshot (dropped), one stale frame
     after it (dropped), then the rest; the watcher shows the reply exactly once."""
@@ -174,23 +183,46 @@ async def test_seam_is_exact_however_the_layer_orders_snapshot_and_frames(upstre
     assert request["type"] == "llm.watch" and request["reply_to"]
 
     def token(offset: int, text: str) -> dict[str, Any]:
-        return {"type": "llm.frame", "session_id": session_id, "frame": {"type": "token", "text": text},
-                "offset": offset}
+        return {
+            "type": "llm.frame",
+            "session_id": session_id,
+            "frame": {"type": "token", "text": text},
+            "offset": offset,
+        }
 
-    done = {"type": "done", "session_id": session_id, "finish_reason": "stop",
-            "usage": {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6, "estimated": True}}
+    done = {
+        "type": "done",
+        "session_id": session_id,
+        "finish_reason": "stop",
+        "usage": {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6, "estimated": True},
+    }
     group = frames_group(session_id)
     await layer.group_send(group, token(2, "cd"))  # already in the snapshot
     await layer.group_send(group, token(4, "ef"))  # already in the snapshot
     await layer.group_send(group, token(6, "gh"))  # after it: must be shown, after the snapshot
-    await layer.send(request["reply_to"], {"type": "llm.snapshot", "session_id": session_id,
-                                           "status": "streaming", "text": "abcdef", "offset": 6})
+    await layer.send(
+        request["reply_to"],
+        {
+            "type": "llm.snapshot",
+            "session_id": session_id,
+            "status": "streaming",
+            "text": "abcdef",
+            "offset": 6,
+        },
+    )
     await layer.group_send(group, token(4, "ef"))  # a late duplicate
     await layer.group_send(group, token(8, "ij"))
-    await layer.group_send(group, {"type": "llm.frame", "session_id": session_id, "frame": done, "offset": None})
+    await layer.group_send(
+        group, {"type": "llm.frame", "session_id": session_id, "frame": done, "offset": None}
+    )
 
     watching = await recv(b)
-    assert watching == {"type": "watching", "session_id": session_id, "status": "streaming", "text": "abcdef"}
+    assert watching == {
+        "type": "watching",
+        "session_id": session_id,
+        "status": "streaming",
+        "text": "abcdef",
+    }
     frames = await until_end(b)
     assert [f["text"] for f in frames[:-1]] == ["gh", "ij"]
     assert frames[-1] == done
@@ -198,16 +230,28 @@ async def test_seam_is_exact_however_the_layer_orders_snapshot_and_frames(upstre
     await b.disconnect()
 
 
-async def test_a_watcher_that_missed_frames_is_dropped_with_watch_lagged(upstream: FakeUpstream) -> None:
+async def test_a_watcher_that_missed_frames_is_dropped_with_watch_lagged(
+    upstream: FakeUpstream,
+) -> None:
     """A full watcher queue makes the layer skip frames for it: the gap in offsets shows it, and
     the watcher gets WATCH_LAGGED instead of a reply with a hole in it; its socket stays usable."""
     session_id, layer, control, b, request = await watch_played_by_hand()
-    await layer.send(request["reply_to"], {"type": "llm.snapshot", "session_id": session_id,
-                                           "status": "streaming", "text": "ab", "offset": 2})
+    await layer.send(
+        request["reply_to"],
+        {
+            "type": "llm.snapshot",
+            "session_id": session_id,
+            "status": "streaming",
+            "text": "ab",
+            "offset": 2,
+        },
+    )
     group = frames_group(session_id)
     frame = {"type": "llm.frame", "session_id": session_id}
     await layer.group_send(group, frame | {"frame": {"type": "token", "text": "cd"}, "offset": 2})
-    await layer.group_send(group, frame | {"frame": {"type": "token", "text": "gh"}, "offset": 6})  # "ef" lost
+    await layer.group_send(
+        group, frame | {"frame": {"type": "token", "text": "gh"}, "offset": 6}
+    )  # "ef" lost
 
     assert (await recv(b))["type"] == "watching"
     assert await recv(b) == {"type": "token", "text": "cd"}
@@ -221,24 +265,42 @@ async def test_a_watcher_that_missed_frames_is_dropped_with_watch_lagged(upstrea
     await b.disconnect()
 
 
-async def test_a_gap_among_frames_buffered_before_the_snapshot_ends_the_watch_once(upstream: FakeUpstream) -> None:
+async def test_a_gap_among_frames_buffered_before_the_snapshot_ends_the_watch_once(
+    upstream: FakeUpstream,
+) -> None:
     """Frames that came before the snapshot wait for it; once a gap among them ends the watch,
     the rest of them (later tokens, the end frame) are not sent, nor more lag errors."""
     session_id, layer, control, b, request = await watch_played_by_hand()
     group = frames_group(session_id)
     frame = {"type": "llm.frame", "session_id": session_id}
     await layer.group_send(group, frame | {"frame": {"type": "token", "text": "cd"}, "offset": 2})
-    await layer.group_send(group, frame | {"frame": {"type": "token", "text": "gh"}, "offset": 6})  # "ef" lost
+    await layer.group_send(
+        group, frame | {"frame": {"type": "token", "text": "gh"}, "offset": 6}
+    )  # "ef" lost
     await layer.group_send(group, frame | {"frame": {"type": "token", "text": "ij"}, "offset": 8})
-    await layer.group_send(group, frame | {"frame": {"type": "done", "session_id": session_id}, "offset": None})
+    await layer.group_send(
+        group, frame | {"frame": {"type": "done", "session_id": session_id}, "offset": None}
+    )
     await asyncio.sleep(0.1)  # all four wait in the consumer for the snapshot
-    await layer.send(request["reply_to"], {"type": "llm.snapshot", "session_id": session_id,
-                                           "status": "streaming", "text": "ab", "offset": 2})
+    await layer.send(
+        request["reply_to"],
+        {
+            "type": "llm.snapshot",
+            "session_id": session_id,
+            "status": "streaming",
+            "text": "ab",
+            "offset": 2,
+        },
+    )
 
     assert (await recv(b))["type"] == "watching"
     assert await recv(b) == {"type": "token", "text": "cd"}
-    assert await recv(b) == {"type": "error", "session_id": session_id, "code": "WATCH_LAGGED",
-                             "message": "This watcher fell behind and missed frames; send watch again to resume"}
+    assert await recv(b) == {
+        "type": "error",
+        "session_id": session_id,
+        "code": "WATCH_LAGGED",
+        "message": "This watcher fell behind and missed frames; send watch again to resume",
+    }
     assert await b.receive_nothing(timeout=0.3)
     await generate_ok(b)
     await layer.group_discard(control_group(session_id), control)
@@ -252,13 +314,23 @@ async def test_watch_falls_back_to_the_database_when_no_process_answers(
     monkeypatch.setattr("llm.consumers.SNAPSHOT_TIMEOUT", 0.6)
     session = await Session.objects.acreate(provider="lm_studio", status=Session.Status.STREAMING)
     await Message.objects.acreate(session=session, position=0, role="user", content="Hi")
-    await Message.objects.acreate(session=session, position=1, role="assistant", content="Half a rep")
+    await Message.objects.acreate(
+        session=session, position=1, role="assistant", content="Half a rep"
+    )
     b = await open_socket()
     watching = await _watch(b, str(session.pk))
-    assert watching == {"type": "watching", "session_id": str(session.pk), "status": "streaming",
-                        "text": "Half a rep"}
+    assert watching == {
+        "type": "watching",
+        "session_id": str(session.pk),
+        "status": "streaming",
+        "text": "Half a rep",
+    }
     ended = await recv(b)  # no end frame will come: the watcher is told so
-    assert (ended["type"], ended["code"], ended["session_id"]) == ("error", "WATCH_UNAVAILABLE", str(session.pk))
+    assert (ended["type"], ended["code"], ended["session_id"]) == (
+        "error",
+        "WATCH_UNAVAILABLE",
+        str(session.pk),
+    )
     await generate_ok(b)
     await b.disconnect()
 
@@ -270,7 +342,9 @@ async def test_with_the_channel_layer_down_a_watch_answers_from_the_database(
     """Redis down: no live frames can come, but the watcher is told what is stored, at once."""
     session = await Session.objects.acreate(provider="lm_studio", status=Session.Status.STREAMING)
     await Message.objects.acreate(session=session, position=0, role="user", content="Hi")
-    await Message.objects.acreate(session=session, position=1, role="assistant", content="Half a rep")
+    await Message.objects.acreate(
+        session=session, position=1, role="assistant", content="Half a rep"
+    )
     layer = get_channel_layer()
 
     async def down(*args: Any, **kwargs: Any) -> None:
@@ -280,8 +354,12 @@ async def test_with_the_channel_layer_down_a_watch_answers_from_the_database(
     monkeypatch.setattr(layer, failing, down)
     monkeypatch.setattr(layer, "send", down)
     await b.send_json_to({"type": "watch", "session_id": str(session.pk)})
-    assert await recv(b, timeout=2) == {"type": "watching", "session_id": str(session.pk),
-                                        "status": "streaming", "text": "Half a rep"}
+    assert await recv(b, timeout=2) == {
+        "type": "watching",
+        "session_id": str(session.pk),
+        "status": "streaming",
+        "text": "Half a rep",
+    }
     assert (await recv(b, timeout=2))["code"] == "WATCH_UNAVAILABLE"
     monkeypatch.undo()
     await generate_ok(b)  # the socket still serves
@@ -298,7 +376,12 @@ async def test_watch_a_finished_session_gets_its_full_text(upstream: FakeUpstrea
     await wait_for_status(session_id, "completed")
     b = await open_socket()
     watching = await _watch(b, session_id)
-    assert watching == {"type": "watching", "session_id": session_id, "status": "completed", "text": HELLO_REPLY}
+    assert watching == {
+        "type": "watching",
+        "session_id": session_id,
+        "status": "completed",
+        "text": HELLO_REPLY,
+    }
     assert await b.receive_nothing(timeout=0.3)
     await generate_ok(b)  # the watcher's socket serves its own generations too
     await a.disconnect()
@@ -349,7 +432,9 @@ def _relay_tasks(tasks: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
     return found
 
 
-async def _leftovers(before: set[asyncio.Task[Any]], settle: float = 1.0) -> list[asyncio.Task[Any]]:
+async def _leftovers(
+    before: set[asyncio.Task[Any]], settle: float = 1.0
+) -> list[asyncio.Task[Any]]:
     deadline = asyncio.get_running_loop().time() + settle
     while True:
         left = _relay_tasks(asyncio.all_tasks() - before)

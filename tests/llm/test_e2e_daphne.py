@@ -56,7 +56,10 @@ async def test_real_socket_streams_a_real_reply_and_stores_it(daphne: str) -> No
     async with httpx.AsyncClient(base_url=daphne) as http:
         stored = (await http.get(f"/api/v1/sessions/{start['session_id']}")).json()
     assert stored["status"] == "completed"
-    assert stored["messages"][-1] == stored["messages"][-1] | {"role": "assistant", "content": reply}
+    assert stored["messages"][-1] == stored["messages"][-1] | {
+        "role": "assistant",
+        "content": reply,
+    }
     assert stored["ttft_ms"] > 0 and stored["tokens_per_second"] > 0
     assert stored["usage"]["estimated"] is True
 
@@ -68,7 +71,10 @@ async def test_watch_from_a_second_socket_and_cancel_by_closing(daphne: str) -> 
 
 
 async def _watch_and_cancel_by_closing(daphne: str) -> None:
-    long = GENERATE | {"max_tokens": 200, "messages": [{"role": "user", "content": "Write a long story."}]}
+    long = GENERATE | {
+        "max_tokens": 200,
+        "messages": [{"role": "user", "content": "Write a long story."}],
+    }
     generator = await websockets.connect(ws_url(daphne))
     await generator.send(json.dumps(long))
     start = json.loads(await generator.recv())

@@ -17,7 +17,6 @@ import pytest
 from django.core.management import call_command
 from django.test import AsyncClient
 
-
 MODEL = "SmolLM2-135M-Instruct"
 PROMPT = [
     {"role": "system", "content": "You are a helpful assistant. Answer briefly."},
@@ -44,9 +43,7 @@ async def read_frames(response: Any) -> list[dict[str, Any]]:
     parts = [part async for part in response.streaming_content]
     text = b"".join(parts).decode()
     return [
-        json.loads(line[len("data: "):])
-        for line in text.splitlines()
-        if line.startswith("data: ")
+        json.loads(line[len("data: ") :]) for line in text.splitlines() if line.startswith("data: ")
     ]
 
 
@@ -94,7 +91,7 @@ async def test_two_concurrent_streams_both_finish(smollm2: str) -> None:
         async for part in response.streaming_content:
             for line in part.decode().splitlines():
                 if line.startswith("data: "):
-                    frame = json.loads(line[len("data: "):])
+                    frame = json.loads(line[len("data: ") :])
                     arrivals[name].append((time.monotonic(), frame))
                     if frame["type"] == "token":
                         first_is_streaming.set()
@@ -130,10 +127,12 @@ async def test_json_real_completion(smollm2: str) -> None:
 async def test_max_tokens_bounds_the_real_reply(smollm2: str) -> None:
     response = await AsyncClient().post(
         "/api/v1/llm/generate",
-        data=json.dumps({
-            "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
-            "max_tokens": 3,
-        }),
+        data=json.dumps(
+            {
+                "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+                "max_tokens": 3,
+            }
+        ),
         content_type="application/json",
     )
     assert response.status_code == 200, response.content

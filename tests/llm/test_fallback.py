@@ -47,7 +47,9 @@ def chain(llm_config: Callable[..., Any], fallback: FakeUpstream) -> Callable[..
     return configure
 
 
-async def test_refused_primary_falls_back_and_says_so(chain: Callable[..., None], fallback: FakeUpstream) -> None:
+async def test_refused_primary_falls_back_and_says_so(
+    chain: Callable[..., None], fallback: FakeUpstream
+) -> None:
     chain(CLOSED)
     comm = await open_socket()
     await generate(comm)
@@ -72,7 +74,9 @@ async def test_5xx_primary_falls_back_after_its_retries(
     chain(upstream.base_url, max_retries=2)
     client = AsyncClient()
     response = await client.post(
-        "/api/v1/llm/generate", {"messages": [{"role": "user", "content": "Hi"}]}, content_type="application/json"
+        "/api/v1/llm/generate",
+        {"messages": [{"role": "user", "content": "Hi"}]},
+        content_type="application/json",
     )
     assert response.status_code == 200, response.content
     body = response.json()
@@ -112,7 +116,9 @@ async def test_no_fallback_when_the_upstream_refuses_the_request(
     assert fallback.chat_requests == []
 
 
-async def test_every_provider_down_reports_the_last_error(chain: Callable[..., None], fallback: FakeUpstream) -> None:
+async def test_every_provider_down_reports_the_last_error(
+    chain: Callable[..., None], fallback: FakeUpstream
+) -> None:
     fallback.default = Reply(status=502)
     chain(CLOSED, max_retries=0)
     comm = await open_socket()
@@ -120,7 +126,9 @@ async def test_every_provider_down_reports_the_last_error(chain: Callable[..., N
     frames = await until_end(comm)
     await comm.disconnect()
 
-    assert len(frames) == 1 and frames[0]["type"] == "error" and frames[0]["code"] == "LLM_UNAVAILABLE"
+    assert (
+        len(frames) == 1 and frames[0]["type"] == "error" and frames[0]["code"] == "LLM_UNAVAILABLE"
+    )
     session, _ = await session_row(frames[0]["session_id"])
     assert session.status == "failed" and session.provider == "openrouter"
     assert session.tried == [{"provider": "lm_studio", "code": "LLM_UNAVAILABLE"}]
@@ -224,7 +232,9 @@ async def test_read_timeout_before_any_byte_falls_back(
     chain(primary, primary={"default_model": "fake-model", "read_timeout": 0.3}, max_retries=1)
     await assert_served_by_fallback([{"provider": "lm_studio", "code": "LLM_TIMEOUT"}])
     # The primary got the chat request itself, twice (its retry), and never answered.
-    assert len(received) == 2 and all(r.startswith(b"POST /v1/chat/completions") for r in received), received
+    assert len(received) == 2 and all(
+        r.startswith(b"POST /v1/chat/completions") for r in received
+    ), received
     assert len(fallback.chat_requests) == 1
 
 
@@ -253,7 +263,9 @@ async def test_429_primary_falls_back_after_its_retries(
 
 
 @pytest.mark.usefixtures("close_clients")  # the API read leaves a connection in the sync thread
-async def test_disabled_primary_falls_back(llm_config: Callable[..., Any], fallback: FakeUpstream) -> None:
+async def test_disabled_primary_falls_back(
+    llm_config: Callable[..., Any], fallback: FakeUpstream
+) -> None:
     """OpenRouter first but switched off (ProviderDisabled), LM Studio next: LM Studio serves."""
     llm_config(
         provider="openrouter",
@@ -262,7 +274,9 @@ async def test_disabled_primary_falls_back(llm_config: Callable[..., Any], fallb
         lm_studio={"base_url": fallback.base_url, "default_model": "backup-model"},
         max_retries=0,
     )
-    await assert_served_by_fallback([{"provider": "openrouter", "code": "LLM_PROVIDER_DISABLED"}], serving="lm_studio")
+    await assert_served_by_fallback(
+        [{"provider": "openrouter", "code": "LLM_PROVIDER_DISABLED"}], serving="lm_studio"
+    )
     assert len(fallback.chat_requests) == 1
     assert "authorization" not in fallback.chat_requests[0].headers  # LM Studio sends no key
 

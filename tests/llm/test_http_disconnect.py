@@ -45,7 +45,9 @@ async def start(body: dict[str, Any]) -> ApplicationCommunicator:
     from negotiator.asgi import application
 
     communicator = ApplicationCommunicator(application, http_scope())
-    await communicator.send_input({"type": "http.request", "body": json.dumps(body).encode(), "more_body": False})
+    await communicator.send_input(
+        {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+    )
     return communicator
 
 
@@ -98,16 +100,18 @@ async def test_streaming_request_closes_upstream_when_client_leaves(upstream: An
     assert FULL.startswith(text) and len(text) < len(FULL)
     # At least what the client was sent before it left.
     sent_text = "".join(
-        json.loads(line[len(b"data: "):])["text"]
+        json.loads(line[len(b"data: ") :])["text"]
         for line in received.split(b"\n\n")
-        if line.startswith(b"data: ") and json.loads(line[len(b"data: "):])["type"] == "token"
+        if line.startswith(b"data: ") and json.loads(line[len(b"data: ") :])["type"] == "token"
     )
     assert text.startswith(sent_text)
     assert upstream.completed == 0
 
 
 async def test_non_streaming_request_closes_upstream_when_client_leaves(upstream: Any) -> None:
-    upstream.replies.append(Reply(tokens=TOKENS, delay=0.05, timestamps=True))  # 5 s if nobody leaves
+    upstream.replies.append(
+        Reply(tokens=TOKENS, delay=0.05, timestamps=True)
+    )  # 5 s if nobody leaves
     communicator = await start({"messages": [{"role": "user", "content": "Count"}]})
 
     deadline = time.monotonic() + 5

@@ -52,7 +52,9 @@ async def _status_becomes(session_id: str, status: str, timeout: float = 2.0) ->
     """The session's stored status once it is `status`, or the last one seen after `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
-        found = await Session.objects.filter(pk=session_id).values_list("status", flat=True).afirst()
+        found = (
+            await Session.objects.filter(pk=session_id).values_list("status", flat=True).afirst()
+        )
         if found == status or time.monotonic() > deadline:
             return found
         await asyncio.sleep(0.02)
@@ -74,7 +76,9 @@ def _llm_tasks(tasks: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
     return found
 
 
-async def _llm_leftovers(before: set[asyncio.Task[Any]], settle: float = 1.0) -> list[asyncio.Task[Any]]:
+async def _llm_leftovers(
+    before: set[asyncio.Task[Any]], settle: float = 1.0
+) -> list[asyncio.Task[Any]]:
     deadline = time.monotonic() + settle
     while True:
         left = _llm_tasks(asyncio.all_tasks() - before)
@@ -105,7 +109,9 @@ async def test_client_leaving_while_the_session_opens_still_ends_it_cancelled(
         return result
 
     monkeypatch.setattr(llm.generation, "open_session", slow_open)
-    upstream.default = Reply(tokens=tokens(50), delay=0.02)  # still streaming when the client leaves
+    upstream.default = Reply(
+        tokens=tokens(50), delay=0.02
+    )  # still streaming when the client leaves
     generation = Generation(ChatRequest(messages=HI))
 
     async def consume() -> None:
@@ -192,7 +198,11 @@ async def test_second_cancel_while_the_end_is_stored_still_stores_and_publishes_
 async def test_idle_timeout_does_not_count_time_the_caller_spends_between_tokens(
     upstream: FakeUpstream, llm_config: Callable[..., Any]
 ) -> None:
-    llm_config(idle_timeout=0.3, max_retries=0, lm_studio={"base_url": upstream.base_url, "default_model": ""})
+    llm_config(
+        idle_timeout=0.3,
+        max_retries=0,
+        lm_studio={"base_url": upstream.base_url, "default_model": ""},
+    )
     # Quick tokens (well inside the idle timeout), each in a packet of its own, so the next read
     # after the caller's pause has to wait on the socket.
     upstream.default = Reply(tokens=["a", "b", "c"], delay=0.05)
@@ -297,23 +307,33 @@ async def test_worker_id_tells_a_restart_with_the_same_pid_from_this_process() -
     assert llm.sessions._alive(llm.sessions.worker_id())
     assert not llm.sessions._alive(earlier)
 
-    ours = await Session.objects.acreate(provider="lm_studio", status="streaming", worker=llm.sessions.worker_id())
-    previous = await Session.objects.acreate(provider="lm_studio", status="streaming", worker=earlier)
+    ours = await Session.objects.acreate(
+        provider="lm_studio", status="streaming", worker=llm.sessions.worker_id()
+    )
+    previous = await Session.objects.acreate(
+        provider="lm_studio", status="streaming", worker=earlier
+    )
     assert await sync_to_async(llm.sessions.recover_interrupted)() == 1
     await ours.arefresh_from_db()
     await previous.arefresh_from_db()
     assert (ours.status, previous.status) == ("streaming", "interrupted")
 
 
-async def test_a_stale_streaming_session_can_be_continued_a_fresh_one_cannot(upstream: FakeUpstream) -> None:
-    comm = await open_socket()  # first: the app's start-up recovery would mark the stale one interrupted
+async def test_a_stale_streaming_session_can_be_continued_a_fresh_one_cannot(
+    upstream: FakeUpstream,
+) -> None:
+    comm = (
+        await open_socket()
+    )  # first: the app's start-up recovery would mark the stale one interrupted
     old = timezone.now() - llm.sessions.STALE_AFTER - timedelta(seconds=5)
     stale = await Session.objects.acreate(
         provider="lm_studio", status="streaming", worker="another-host:1:x", updated_at=old
     )
     await Message.objects.acreate(session=stale, position=0, role="user", content="Hi")
     await Message.objects.acreate(session=stale, position=1, role="assistant", content="Half a")
-    fresh = await Session.objects.acreate(provider="lm_studio", status="streaming", worker="another-host:1:x")
+    fresh = await Session.objects.acreate(
+        provider="lm_studio", status="streaming", worker="another-host:1:x"
+    )
 
     frames = await generate_ok(comm, session_id=str(stale.pk))
     assert frames[0]["session_id"] == str(stale.pk)
@@ -337,7 +357,9 @@ async def test_watcher_asking_before_the_generating_process_listens_gets_its_sna
 ) -> None:
     session = await Session.objects.acreate(provider="lm_studio", status=Session.Status.STREAMING)
     await Message.objects.acreate(session=session, position=0, role="user", content="Hi")
-    await Message.objects.acreate(session=session, position=1, role="assistant", content="stale db text")
+    await Message.objects.acreate(
+        session=session, position=1, role="assistant", content="stale db text"
+    )
     session_id = str(session.pk)
     layer = get_channel_layer()
     control = await layer.new_channel()
@@ -349,18 +371,48 @@ async def test_watcher_asking_before_the_generating_process_listens_gets_its_sna
     try:
         request = await asyncio.wait_for(layer.receive(control), timeout=1.5)
         assert request["type"] == "llm.watch" and request["reply_to"]
-        await layer.send(request["reply_to"], {"type": "llm.snapshot", "session_id": session_id,
-                                               "status": "streaming", "text": "abc", "offset": 3})
+        await layer.send(
+            request["reply_to"],
+            {
+                "type": "llm.snapshot",
+                "session_id": session_id,
+                "status": "streaming",
+                "text": "abc",
+                "offset": 3,
+            },
+        )
         group = frames_group(session_id)
-        done = {"type": "done", "session_id": session_id, "finish_reason": "stop",
-                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3, "estimated": True}}
-        await layer.group_send(group, {"type": "llm.frame", "session_id": session_id,
-                                       "frame": {"type": "token", "text": "de"}, "offset": 3})
-        await layer.group_send(group, {"type": "llm.frame", "session_id": session_id, "frame": done,
-                                       "offset": None})
+        done = {
+            "type": "done",
+            "session_id": session_id,
+            "finish_reason": "stop",
+            "usage": {
+                "prompt_tokens": 1,
+                "completion_tokens": 2,
+                "total_tokens": 3,
+                "estimated": True,
+            },
+        }
+        await layer.group_send(
+            group,
+            {
+                "type": "llm.frame",
+                "session_id": session_id,
+                "frame": {"type": "token", "text": "de"},
+                "offset": 3,
+            },
+        )
+        await layer.group_send(
+            group, {"type": "llm.frame", "session_id": session_id, "frame": done, "offset": None}
+        )
 
         watching = await recv(b, timeout=2)
-        assert watching == {"type": "watching", "session_id": session_id, "status": "streaming", "text": "abc"}
+        assert watching == {
+            "type": "watching",
+            "session_id": session_id,
+            "status": "streaming",
+            "text": "abc",
+        }
         assert await recv(b, timeout=2) == {"type": "token", "text": "de"}
         assert await recv(b, timeout=2) == done
         assert await b.receive_nothing(timeout=0.2)

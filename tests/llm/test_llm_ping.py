@@ -86,7 +86,9 @@ def test_reachable_with_no_models_listed(llm_config: Callable[..., Any], respx_m
 
 def test_unreachable_exits_1_with_the_code(llm_config: Callable[..., Any], respx_mock: Any) -> None:
     llm_config(max_retries=3)
-    route = respx_mock.get(f"{UPSTREAM}/models").mock(side_effect=httpx.ConnectError("Connection refused"))
+    route = respx_mock.get(f"{UPSTREAM}/models").mock(
+        side_effect=httpx.ConnectError("Connection refused")
+    )
     with pytest.raises(SystemExit) as exited:
         call_command("llm_ping", stdout=(out := io.StringIO()), stderr=(err := io.StringIO()))
     assert exited.value.code == 1
@@ -114,7 +116,9 @@ def test_timeout_exits_1_with_llm_timeout(llm_config: Callable[..., Any], respx_
     assert "LLM_TIMEOUT" in out + err
 
 
-def test_bad_answer_exits_1_with_bad_gateway(llm_config: Callable[..., Any], respx_mock: Any) -> None:
+def test_bad_answer_exits_1_with_bad_gateway(
+    llm_config: Callable[..., Any], respx_mock: Any
+) -> None:
     respx_mock.get(f"{UPSTREAM}/models").respond(200, content=b"<html>hello</html>")
     code, out, err = ping()
     assert code == 1
@@ -124,8 +128,12 @@ def test_bad_answer_exits_1_with_bad_gateway(llm_config: Callable[..., Any], res
 # Providers -----------------------------------------------------------------------------------
 
 
-def test_provider_option_selects_openrouter(llm_config: Callable[..., Any], respx_mock: Any) -> None:
-    route = respx_mock.get(f"{OPENROUTER}/models").respond(json={"data": [{"id": "openrouter/auto"}]})
+def test_provider_option_selects_openrouter(
+    llm_config: Callable[..., Any], respx_mock: Any
+) -> None:
+    route = respx_mock.get(f"{OPENROUTER}/models").respond(
+        json={"data": [{"id": "openrouter/auto"}]}
+    )
     code, out, err = ping("--provider", "openrouter", "--json")
     assert code == 0
     result = json.loads(out)
@@ -183,7 +191,8 @@ def test_openrouter_key_never_in_output(
 ) -> None:
     llm_config(provider="openrouter")
     respx_mock.get(f"{OPENROUTER}/models").respond(
-        401, json={"error": {"message": f"No auth credentials found for {OPENROUTER_KEY}", "code": 401}}
+        401,
+        json={"error": {"message": f"No auth credentials found for {OPENROUTER_KEY}", "code": 401}},
     )
     code, out, err = ping(*(["--json"] if as_json else []))
     assert code == 1
@@ -213,11 +222,19 @@ def _closed_port() -> int:
 
 
 def _manage(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("LLM_", "LM_STUDIO_", "OPENROUTER_"))}
+    environ = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LLM_", "LM_STUDIO_", "OPENROUTER_"))
+    }
     environ.update(LLM_LOCAL_MODEL="off", LLM_PING_TIMEOUT="3", **env)
     return subprocess.run(
         [sys.executable, "manage.py", "llm_ping", *args],
-        cwd=ROOT, env=environ, capture_output=True, text=True, timeout=60,
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -253,6 +270,7 @@ def test_manage_py_never_prints_the_key() -> None:
 # Beside the provider: the database and (with REDIS_URL) the channel layer --------------------
 # They are reported, and never change the exit code, which follows the provider alone.
 
+
 @pytest.fixture
 def probe_thread() -> Iterator[None]:
     """The database probe runs in asgiref's one sync thread: close the connection it opened there
@@ -287,7 +305,9 @@ def test_database_is_reported_in_the_human_output(
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("probe_thread")
-def test_database_is_reported_in_json(llm_config: Callable[..., Any], respx_mock: Any, settings: Any) -> None:
+def test_database_is_reported_in_json(
+    llm_config: Callable[..., Any], respx_mock: Any, settings: Any
+) -> None:
     from django.db import connection
 
     settings.REDIS_URL = ""
@@ -337,15 +357,21 @@ def provider_up(tmp_path: Path) -> Any:
         yield url
 
 
-def _manage_with_layer(tmp_path: Path, redis_url: str, provider_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def _manage_with_layer(
+    tmp_path: Path, redis_url: str, provider_url: str, *args: str
+) -> subprocess.CompletedProcess[str]:
     return _manage(
-        *args, REDIS_URL=redis_url, LM_STUDIO_BASE_URL=provider_url,
+        *args,
+        REDIS_URL=redis_url,
+        LM_STUDIO_BASE_URL=provider_url,
         DATABASE_URL=f"sqlite:///{tmp_path / 'ping.sqlite3'}",
     )
 
 
 @pytest.mark.scaleout
-def test_manage_py_with_live_redis_reports_a_channel_layer_round_trip(tmp_path: Path, provider_up: str) -> None:
+def test_manage_py_with_live_redis_reports_a_channel_layer_round_trip(
+    tmp_path: Path, provider_up: str
+) -> None:
     import redis
 
     try:
@@ -362,16 +388,26 @@ def test_manage_py_with_live_redis_reports_a_channel_layer_round_trip(tmp_path: 
     assert "Redis" in layer["backend"], layer  # channels-redis (or the project's subclass of it)
     assert isinstance(layer["latency_ms"], int | float) and layer["latency_ms"] >= 0
     assert "error" not in layer
-    assert report["database"] == {"status": "ok", "engine": "sqlite", "latency_ms": report["database"]["latency_ms"]}
+    assert report["database"] == {
+        "status": "ok",
+        "engine": "sqlite",
+        "latency_ms": report["database"]["latency_ms"],
+    }
 
     human = _manage_with_layer(tmp_path, LIVE_REDIS, f"http://127.0.0.1:{_closed_port()}/v1")
-    assert human.returncode == 1, human.stdout + human.stderr  # the provider is down: 1, Redis is fine
-    assert re.search(r"^Channels: \w*Redis\w*, ok \(\d+\.\d ms\)$", human.stdout, re.M), human.stdout
+    assert human.returncode == 1, (
+        human.stdout + human.stderr
+    )  # the provider is down: 1, Redis is fine
+    assert re.search(r"^Channels: \w*Redis\w*, ok \(\d+\.\d ms\)$", human.stdout, re.M), (
+        human.stdout
+    )
     assert DATABASE_LINE.search(human.stdout), human.stdout
     assert "Traceback" not in human.stdout + human.stderr
 
 
-def test_manage_py_with_redis_down_reports_it_and_exits_on_the_provider(tmp_path: Path, provider_up: str) -> None:
+def test_manage_py_with_redis_down_reports_it_and_exits_on_the_provider(
+    tmp_path: Path, provider_up: str
+) -> None:
     dead_redis = f"redis://127.0.0.1:{_closed_port()}/0"
     started = time.monotonic()
     done = _manage_with_layer(tmp_path, dead_redis, provider_up, "--json")
@@ -386,7 +422,9 @@ def test_manage_py_with_redis_down_reports_it_and_exits_on_the_provider(tmp_path
 
     human = _manage_with_layer(tmp_path, dead_redis, f"http://127.0.0.1:{_closed_port()}/v1")
     assert human.returncode == 1, human.stdout + human.stderr  # the provider is down: 1
-    assert re.search(r"^Channels: \w+, CHANNEL_LAYER_(UNAVAILABLE|TIMEOUT): ", human.stdout, re.M), human.stdout
+    assert re.search(
+        r"^Channels: \w+, CHANNEL_LAYER_(UNAVAILABLE|TIMEOUT): ", human.stdout, re.M
+    ), human.stdout
     assert "LLM_UNAVAILABLE" in human.stdout
     output = done.stdout + done.stderr + human.stdout + human.stderr
     assert "Traceback" not in output

@@ -9,7 +9,9 @@ def test_messages_are_ordered_by_their_own_columns_without_a_join() -> None:
     """Messages in order of session and position, read from the message table alone (admin lists them)."""
     query = str(Message.objects.all().query)
     assert "JOIN" not in query.upper(), query
-    assert query.endswith('ORDER BY "llm_message"."session_id" ASC, "llm_message"."position" ASC'), query
+    assert query.endswith(
+        'ORDER BY "llm_message"."session_id" ASC, "llm_message"."position" ASC'
+    ), query
 
 
 def test_sessions_are_newest_first() -> None:

@@ -33,7 +33,9 @@ class Server:
             while await reader.readuntil(b"\r\n\r\n"):
                 if not self.answer:
                     await asyncio.sleep(3600)
-                headers = "content-length: 5\r\n" + ("" if self.keep_alive else "connection: close\r\n")
+                headers = "content-length: 5\r\n" + (
+                    "" if self.keep_alive else "connection: close\r\n"
+                )
                 writer.write(f"HTTP/1.1 200 OK\r\n{headers}\r\n".encode() + b"hello")
                 await writer.drain()
                 if not self.keep_alive:
@@ -64,7 +66,9 @@ async def test_a_request_and_keep_alive_reuse(server: tuple[Server, str]) -> Non
     assert app.connections == 1  # one pooled connection served all three
 
 
-async def test_a_connection_the_server_closed_while_idle_is_replaced(server: tuple[Server, str]) -> None:
+async def test_a_connection_the_server_closed_while_idle_is_replaced(
+    server: tuple[Server, str],
+) -> None:
     app, url = server
     async with httpx.AsyncClient(transport=asyncio_transport(LIMITS)) as client:
         assert (await client.get(url)).text == "hello"
@@ -78,7 +82,9 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced(server: tup
 @pytest.mark.parametrize("server", [{"answer": False}], indirect=True)
 async def test_a_silent_server_is_a_read_timeout(server: tuple[Server, str]) -> None:
     _, url = server
-    async with httpx.AsyncClient(transport=asyncio_transport(LIMITS), timeout=httpx.Timeout(5, read=0.2)) as client:
+    async with httpx.AsyncClient(
+        transport=asyncio_transport(LIMITS), timeout=httpx.Timeout(5, read=0.2)
+    ) as client:
         with pytest.raises(httpx.ReadTimeout):
             await client.get(url)
 
@@ -115,9 +121,26 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
     )
     return cert, key
 
@@ -134,7 +157,9 @@ async def test_tls_is_verified(certificate: tuple[Path, Path]) -> None:
             with pytest.raises(httpx.ConnectError):  # a self-signed certificate is refused
                 await client.get(url)
         trusting = ssl.create_default_context(cafile=str(cert))
-        async with httpx.AsyncClient(transport=asyncio_transport(LIMITS, verify=trusting)) as client:
+        async with httpx.AsyncClient(
+            transport=asyncio_transport(LIMITS, verify=trusting)
+        ) as client:
             response = await client.get(url)
             assert response.text == "hello"
             assert response.extensions["network_stream"].get_extra_info("ssl_object") is not None
@@ -169,7 +194,9 @@ class ForwardProxy:
                     await sink.drain()
                 sink.close()
 
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True)
+            await asyncio.gather(
+                pipe(reader, up_writer), pipe(up_reader, writer), return_exceptions=True
+            )
         finally:
             writer.close()
 
@@ -187,7 +214,10 @@ async def test_the_provider_goes_through_the_environments_proxy(
     listener = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
     proxy_url = f"http://127.0.0.1:{listener.sockets[0].getsockname()[1]}"
     port = httpx.URL(upstream.base_url).port
-    llm_config(lm_studio={"base_url": f"http://upstream.invalid:{port}/v1", "default_model": ""}, max_retries=0)
+    llm_config(
+        lm_studio={"base_url": f"http://upstream.invalid:{port}/v1", "default_model": ""},
+        max_retries=0,
+    )
     for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", proxy_url)
@@ -196,7 +226,9 @@ async def test_the_provider_goes_through_the_environments_proxy(
         provider = get_provider()
         text = "".join([chunk.text async for chunk in provider.stream(request)])
         assert text == "Hello, world!"
-        assert proxy.targets and all(t.startswith(provider.base_url) for t in proxy.targets), proxy.targets
+        assert proxy.targets and all(t.startswith(provider.base_url) for t in proxy.targets), (
+            proxy.targets
+        )
         # Clients that leave early cannot strand its connections either.
         assert type(provider.client._transport._pool) is ReclaimingHTTPProxy
 

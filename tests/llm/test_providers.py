@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any
 
@@ -53,8 +53,13 @@ def chunk(
         "delta": {} if text is None else {"role": "assistant", "content": text},
         "finish_reason": finish,
     }
-    payload: dict[str, Any] = {"id": "cmpl-1", "object": "chat.completion.chunk", "model": model,
-                               "choices": [choice], **extra}
+    payload: dict[str, Any] = {
+        "id": "cmpl-1",
+        "object": "chat.completion.chunk",
+        "model": model,
+        "choices": [choice],
+        **extra,
+    }
     if usage is not None:
         payload["usage"] = usage
     return payload
@@ -62,9 +67,17 @@ def chunk(
 
 def usage_chunk(prompt: int, completion: int, *, model: str = SERVED) -> dict[str, Any]:
     """The trailing chunk `stream_options.include_usage` asks for: no choices, only usage."""
-    return {"id": "cmpl-1", "object": "chat.completion.chunk", "model": model, "choices": [],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
-                      "total_tokens": prompt + completion}}
+    return {
+        "id": "cmpl-1",
+        "object": "chat.completion.chunk",
+        "model": model,
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
 
 
 def event(payload: dict[str, Any] | str) -> bytes:
@@ -79,8 +92,13 @@ def comment(text: str = "OPENROUTER PROCESSING") -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
-def sse_events(*texts: str, finish: str | None = "stop", usage: tuple[int, int] | None = None,
-               done: bool = True, model: str = SERVED) -> list[bytes]:
+def sse_events(
+    *texts: str,
+    finish: str | None = "stop",
+    usage: tuple[int, int] | None = None,
+    done: bool = True,
+    model: str = SERVED,
+) -> list[bytes]:
     """Events of a reply: one chunk per text, a finish chunk, an optional usage chunk, [DONE]."""
     events = [event(chunk(text, model=model)) for text in texts]
     if finish:
@@ -141,22 +159,38 @@ def sse_response(*parts: bytes | float | BaseException) -> httpx.Response:
 
 
 def models_response(*ids: str) -> httpx.Response:
-    return httpx.Response(200, json={"object": "list", "data": [{"id": i, "object": "model"} for i in ids]})
+    return httpx.Response(
+        200, json={"object": "list", "data": [{"id": i, "object": "model"} for i in ids]}
+    )
 
 
-def completion_response(content: str = "Hello there", *, finish: str = "stop", model: str = SERVED,
-                        usage: dict[str, int] | None = None) -> httpx.Response:
+def completion_response(
+    content: str = "Hello there",
+    *,
+    finish: str = "stop",
+    model: str = SERVED,
+    usage: dict[str, int] | None = None,
+) -> httpx.Response:
     body: dict[str, Any] = {
-        "id": "cmpl-1", "object": "chat.completion", "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                     "finish_reason": finish}],
+        "id": "cmpl-1",
+        "object": "chat.completion",
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": finish,
+            }
+        ],
     }
     if usage is not None:
         body["usage"] = usage
     return httpx.Response(200, json=body)
 
 
-def error_response(status: int, message: str = "upstream says no", **headers: str) -> httpx.Response:
+def error_response(
+    status: int, message: str = "upstream says no", **headers: str
+) -> httpx.Response:
     return httpx.Response(status, json={"error": {"message": message}}, headers=headers)
 
 
@@ -164,7 +198,9 @@ def sent_json(route: respx.Route, index: int = -1) -> dict[str, Any]:
     return json.loads(route.calls[index].request.content)
 
 
-async def run_stream(provider: Any, request: ChatRequest = HI) -> tuple[list[StreamChunk], LLMError | None]:
+async def run_stream(
+    provider: Any, request: ChatRequest = HI
+) -> tuple[list[StreamChunk], LLMError | None]:
     """Everything the caller received, and the error that ended the stream (if any)."""
     received: list[StreamChunk] = []
     try:
@@ -217,7 +253,9 @@ async def test_ping_lists_models_and_measures_latency(respx_mock: respx.MockRout
     assert route.call_count == 1
 
 
-async def test_ping_connection_refused_is_unavailable_without_retry(respx_mock: respx.MockRouter, lm) -> None:
+async def test_ping_connection_refused_is_unavailable_without_retry(
+    respx_mock: respx.MockRouter, lm
+) -> None:
     route = respx_mock.get(MODELS_URL).mock(side_effect=httpx.ConnectError("Connection refused"))
     result = await lm(max_retries=3).ping()
     assert result.reachable is False
@@ -233,7 +271,9 @@ async def test_ping_server_error_is_not_retried(respx_mock: respx.MockRouter, lm
     assert route.call_count == 1
 
 
-async def test_ping_hung_models_times_out_within_ping_timeout(respx_mock: respx.MockRouter, lm) -> None:
+async def test_ping_hung_models_times_out_within_ping_timeout(
+    respx_mock: respx.MockRouter, lm
+) -> None:
     async def hang(request: httpx.Request) -> httpx.Response:
         await asyncio.sleep(10)
         return models_response("never")
@@ -241,7 +281,9 @@ async def test_ping_hung_models_times_out_within_ping_timeout(respx_mock: respx.
     respx_mock.get(MODELS_URL).mock(side_effect=hang)
     provider = lm(ping_timeout=0.2)
     started = time.perf_counter()
-    async with asyncio.timeout(2):  # fail fast, not after the whole hang, if ping_timeout is ignored
+    async with asyncio.timeout(
+        2
+    ):  # fail fast, not after the whole hang, if ping_timeout is ignored
         result = await provider.ping()
     elapsed = time.perf_counter() - started
     assert result.reachable is False
@@ -269,8 +311,12 @@ async def test_default_model_used_when_request_names_none(respx_mock: respx.Mock
 
 
 async def test_first_listed_model_used_and_cached(respx_mock: respx.MockRouter, lm) -> None:
-    models = respx_mock.get(MODELS_URL).mock(return_value=models_response("first-model", "second-model"))
-    chat = respx_mock.post(CHAT_URL).mock(side_effect=lambda request: sse_response(*sse_events("ok")))
+    models = respx_mock.get(MODELS_URL).mock(
+        return_value=models_response("first-model", "second-model")
+    )
+    chat = respx_mock.post(CHAT_URL).mock(
+        side_effect=lambda request: sse_response(*sse_events("ok"))
+    )
     provider = lm(lm_studio={"default_model": ""})
     for _ in range(2):
         received, error = await run_stream(provider)
@@ -293,20 +339,30 @@ async def test_empty_model_list_is_bad_gateway(respx_mock: respx.MockRouter, lm)
 
 
 async def test_generate_parses_reply_with_upstream_usage(respx_mock: respx.MockRouter, lm) -> None:
-    respx_mock.post(CHAT_URL).mock(return_value=completion_response(
-        "Hello there", finish="length", model=SERVED,
-        usage={"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13},
-    ))
+    respx_mock.post(CHAT_URL).mock(
+        return_value=completion_response(
+            "Hello there",
+            finish="length",
+            model=SERVED,
+            usage={"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13},
+        )
+    )
     result = await lm().generate(ChatRequest(messages=HI.messages, model="asked-for"))
     assert result.content == "Hello there"
     assert result.finish_reason == "length"
     assert result.model == SERVED
     assert result.provider == "lm_studio"
-    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.total_tokens) == (11, 2, 13)
+    assert (
+        result.usage.prompt_tokens,
+        result.usage.completion_tokens,
+        result.usage.total_tokens,
+    ) == (11, 2, 13)
     assert result.usage.estimated is False
 
 
-async def test_generate_estimates_usage_when_upstream_sends_none(respx_mock: respx.MockRouter, lm) -> None:
+async def test_generate_estimates_usage_when_upstream_sends_none(
+    respx_mock: respx.MockRouter, lm
+) -> None:
     respx_mock.post(CHAT_URL).mock(return_value=completion_response("Hello there, how are you?"))
     usage = (await lm().generate(HI)).usage
     assert usage.estimated is True
@@ -327,13 +383,17 @@ async def test_generate_payload_defaults(respx_mock: respx.MockRouter, lm) -> No
 
 async def test_generate_payload_takes_request_values(respx_mock: respx.MockRouter, lm) -> None:
     chat = respx_mock.post(CHAT_URL).mock(return_value=completion_response())
-    await lm(max_tokens=77).generate(ChatRequest(messages=HI.messages, max_tokens=5, temperature=0.25))
+    await lm(max_tokens=77).generate(
+        ChatRequest(messages=HI.messages, max_tokens=5, temperature=0.25)
+    )
     payload = sent_json(chat)
     assert payload["max_tokens"] == 5
     assert payload["temperature"] == 0.25
 
 
-async def test_generate_request_carries_configured_timeouts(respx_mock: respx.MockRouter, lm) -> None:
+async def test_generate_request_carries_configured_timeouts(
+    respx_mock: respx.MockRouter, lm
+) -> None:
     chat = respx_mock.post(CHAT_URL).mock(return_value=completion_response())
     await lm(connect_timeout=1.5, lm_studio={"read_timeout": 4.5}).generate(HI)
     timeout = chat.calls.last.request.extensions["timeout"]
@@ -350,7 +410,9 @@ async def test_lm_studio_sends_no_authorization(respx_mock: respx.MockRouter, lm
 # stream(): parsing --------------------------------------------------------------------------------
 
 
-async def test_stream_yields_text_in_order_then_one_final_chunk(respx_mock: respx.MockRouter, lm) -> None:
+async def test_stream_yields_text_in_order_then_one_final_chunk(
+    respx_mock: respx.MockRouter, lm
+) -> None:
     respx_mock.post(CHAT_URL).mock(return_value=sse_response(*sse_events("Hel", "lo", " world")))
     received, error = await run_stream(lm())
     assert error is None
@@ -383,8 +445,16 @@ async def test_stream_ignores_comment_lines(respx_mock: respx.MockRouter, lm) ->
 async def test_stream_events_split_across_reads(respx_mock: respx.MockRouter, lm) -> None:
     body = b"".join(sse_events("Hello", ", ", "wörld", usage=(4, 3)))
     # Cut mid-line, mid-JSON, inside a multi-byte character, between the two newlines.
-    cuts = sorted({3, 17, 40, body.index("ö".encode()) + 1, body.index(b"\n\n") + 1,
-                   *range(60, len(body), 13)})
+    cuts = sorted(
+        {
+            3,
+            17,
+            40,
+            body.index("ö".encode()) + 1,
+            body.index(b"\n\n") + 1,
+            *range(60, len(body), 13),
+        }
+    )
     pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
     assert b"".join(pieces) == body and len(pieces) > 8
     respx_mock.post(CHAT_URL).mock(return_value=sse_response(*pieces))
@@ -404,17 +474,25 @@ async def test_stream_stops_at_done(respx_mock: respx.MockRouter, lm) -> None:
     assert received[-1].finish_reason == "stop"
 
 
-async def test_stream_usage_chunk_after_finish_is_upstream_usage(respx_mock: respx.MockRouter, lm) -> None:
+async def test_stream_usage_chunk_after_finish_is_upstream_usage(
+    respx_mock: respx.MockRouter, lm
+) -> None:
     respx_mock.post(CHAT_URL).mock(return_value=sse_response(*sse_events("a", "b", usage=(21, 2))))
     received, error = await run_stream(lm())
     assert error is None
     final = received[-1]
     assert final.finish_reason == "stop"
-    assert (final.usage.prompt_tokens, final.usage.completion_tokens, final.usage.total_tokens) == (21, 2, 23)
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens, final.usage.total_tokens) == (
+        21,
+        2,
+        23,
+    )
     assert final.usage.estimated is False
 
 
-async def test_stream_without_usage_is_estimated_from_chunks(respx_mock: respx.MockRouter, lm) -> None:
+async def test_stream_without_usage_is_estimated_from_chunks(
+    respx_mock: respx.MockRouter, lm
+) -> None:
     respx_mock.post(CHAT_URL).mock(return_value=sse_response(*sse_events("a", "bb", "ccc", "dddd")))
     received, error = await run_stream(lm())
     assert error is None
@@ -425,14 +503,20 @@ async def test_stream_without_usage_is_estimated_from_chunks(respx_mock: respx.M
     assert usage.total_tokens == usage.prompt_tokens + 4
 
 
-async def test_stream_chunks_carry_the_model_upstream_reports(respx_mock: respx.MockRouter, lm) -> None:
-    respx_mock.post(CHAT_URL).mock(return_value=sse_response(*sse_events("a", "b", model="loaded-qwen")))
+async def test_stream_chunks_carry_the_model_upstream_reports(
+    respx_mock: respx.MockRouter, lm
+) -> None:
+    respx_mock.post(CHAT_URL).mock(
+        return_value=sse_response(*sse_events("a", "b", model="loaded-qwen"))
+    )
     received, error = await run_stream(lm(), ChatRequest(messages=HI.messages, model="asked-for"))
     assert error is None
     assert [c.model for c in received] == ["loaded-qwen"] * 3
 
 
-async def test_stream_finish_chunk_with_text_keeps_the_text(respx_mock: respx.MockRouter, lm) -> None:
+async def test_stream_finish_chunk_with_text_keeps_the_text(
+    respx_mock: respx.MockRouter, lm
+) -> None:
     body = [event(chunk("a")), event(chunk("b", finish="length")), DONE]
     respx_mock.post(CHAT_URL).mock(return_value=sse_response(*body))
     received, error = await run_stream(lm())
@@ -441,7 +525,9 @@ async def test_stream_finish_chunk_with_text_keeps_the_text(respx_mock: respx.Mo
     assert received[-1].finish_reason == "length"
 
 
-async def test_stream_answered_with_json_not_sse_is_bad_gateway(respx_mock: respx.MockRouter, lm) -> None:
+async def test_stream_answered_with_json_not_sse_is_bad_gateway(
+    respx_mock: respx.MockRouter, lm
+) -> None:
     respx_mock.post(CHAT_URL).mock(return_value=completion_response())
     received, error = await run_stream(lm())
     assert received == []
@@ -500,7 +586,9 @@ async def test_list_models_is_retried(respx_mock: respx.MockRouter, lm) -> None:
 
 @pytest.mark.parametrize("method", ["generate", "stream"])
 @pytest.mark.parametrize("status", [400, 401, 404, 422])
-async def test_client_errors_are_not_retried(respx_mock: respx.MockRouter, lm, method: str, status: int) -> None:
+async def test_client_errors_are_not_retried(
+    respx_mock: respx.MockRouter, lm, method: str, status: int
+) -> None:
     route = respx_mock.post(CHAT_URL).mock(
         return_value=error_response(status, "model 'nope' is not loaded")
     )
@@ -512,18 +600,25 @@ async def test_client_errors_are_not_retried(respx_mock: respx.MockRouter, lm, m
 
 
 async def test_generate_succeeds_after_two_failures(respx_mock: respx.MockRouter, lm) -> None:
-    route = respx_mock.post(CHAT_URL).mock(side_effect=[
-        error_response(503), httpx.ConnectError("refused"), completion_response("finally"),
-    ])
+    route = respx_mock.post(CHAT_URL).mock(
+        side_effect=[
+            error_response(503),
+            httpx.ConnectError("refused"),
+            completion_response("finally"),
+        ]
+    )
     result = await lm(max_retries=3).generate(HI)
     assert result.content == "finally"
     assert route.call_count == 3
 
 
 async def test_stream_succeeds_after_a_503(respx_mock: respx.MockRouter, lm) -> None:
-    route = respx_mock.post(CHAT_URL).mock(side_effect=[
-        error_response(503), sse_response(*sse_events("good", " stream")),
-    ])
+    route = respx_mock.post(CHAT_URL).mock(
+        side_effect=[
+            error_response(503),
+            sse_response(*sse_events("good", " stream")),
+        ]
+    )
     received, error = await run_stream(lm(max_retries=3))
     assert error is None
     assert texts(received) == ["good", " stream"]
@@ -548,7 +643,9 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return delays
 
 
-async def test_backoff_is_exponential_with_jitter(respx_mock: respx.MockRouter, lm, sleeps: list[float]) -> None:
+async def test_backoff_is_exponential_with_jitter(
+    respx_mock: respx.MockRouter, lm, sleeps: list[float]
+) -> None:
     route = respx_mock.post(CHAT_URL).mock(side_effect=failing(503))
     provider = lm(max_retries=3, retry_delay=1)
     firsts = []
@@ -569,29 +666,42 @@ async def test_backoff_is_exponential_with_jitter(respx_mock: respx.MockRouter, 
 async def test_retry_after_seconds_is_honoured(
     respx_mock: respx.MockRouter, lm, sleeps: list[float], status: int
 ) -> None:
-    route = respx_mock.post(CHAT_URL).mock(side_effect=[
-        error_response(status, **{"Retry-After": "7"}), completion_response("ok"),
-    ])
+    route = respx_mock.post(CHAT_URL).mock(
+        side_effect=[
+            error_response(status, **{"Retry-After": "7"}),
+            completion_response("ok"),
+        ]
+    )
     result = await lm(retry_delay=1).generate(HI)
     assert result.content == "ok"
     assert sleeps == [7]
     assert route.call_count == 2
 
 
-async def test_retry_after_is_honoured_by_stream(respx_mock: respx.MockRouter, lm, sleeps: list[float]) -> None:
-    respx_mock.post(CHAT_URL).mock(side_effect=[
-        error_response(503, **{"Retry-After": "3"}), sse_response(*sse_events("ok")),
-    ])
+async def test_retry_after_is_honoured_by_stream(
+    respx_mock: respx.MockRouter, lm, sleeps: list[float]
+) -> None:
+    respx_mock.post(CHAT_URL).mock(
+        side_effect=[
+            error_response(503, **{"Retry-After": "3"}),
+            sse_response(*sse_events("ok")),
+        ]
+    )
     received, error = await run_stream(lm(retry_delay=1))
     assert error is None and texts(received) == ["ok"]
     assert sleeps == [3]
 
 
-async def test_retry_after_http_date_is_honoured(respx_mock: respx.MockRouter, lm, sleeps: list[float]) -> None:
-    when = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=5), usegmt=True)
-    respx_mock.post(CHAT_URL).mock(side_effect=[
-        error_response(503, **{"Retry-After": when}), completion_response("ok"),
-    ])
+async def test_retry_after_http_date_is_honoured(
+    respx_mock: respx.MockRouter, lm, sleeps: list[float]
+) -> None:
+    when = format_datetime(datetime.now(UTC) + timedelta(seconds=5), usegmt=True)
+    respx_mock.post(CHAT_URL).mock(
+        side_effect=[
+            error_response(503, **{"Retry-After": when}),
+            completion_response("ok"),
+        ]
+    )
     await lm(retry_delay=1).generate(HI)
     assert len(sleeps) == 1
     assert 3.5 <= sleeps[0] <= 5.5  # the date has one-second resolution
@@ -601,7 +711,9 @@ async def test_retry_after_http_date_is_honoured(respx_mock: respx.MockRouter, l
 async def test_retry_after_over_the_maximum_fails_at_once(
     respx_mock: respx.MockRouter, lm, sleeps: list[float], method: str
 ) -> None:
-    route = respx_mock.post(CHAT_URL).mock(side_effect=lambda request: error_response(503, **{"Retry-After": "120"}))
+    route = respx_mock.post(CHAT_URL).mock(
+        side_effect=lambda request: error_response(503, **{"Retry-After": "120"})
+    )
     with pytest.raises(LLMError) as info:
         await call(lm(max_retries=3, retry_after_max=60), method)
     assert route.call_count == 1
@@ -613,19 +725,30 @@ async def test_retry_after_over_the_maximum_fails_at_once(
 # stream(): failures after the first token -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("cut", [httpx.RemoteProtocolError("peer closed connection"), httpx.ReadError("reset")],
-                         ids=["remote-protocol-error", "read-error"])
-async def test_cut_stream_after_first_token_is_not_retried(respx_mock: respx.MockRouter, lm, cut: Exception) -> None:
-    route = respx_mock.post(CHAT_URL).mock(side_effect=lambda request: sse_response(event(chunk("Hel")), cut))
+@pytest.mark.parametrize(
+    "cut",
+    [httpx.RemoteProtocolError("peer closed connection"), httpx.ReadError("reset")],
+    ids=["remote-protocol-error", "read-error"],
+)
+async def test_cut_stream_after_first_token_is_not_retried(
+    respx_mock: respx.MockRouter, lm, cut: Exception
+) -> None:
+    route = respx_mock.post(CHAT_URL).mock(
+        side_effect=lambda request: sse_response(event(chunk("Hel")), cut)
+    )
     received, error = await run_stream(lm(max_retries=3))
     assert texts(received) == ["Hel"]
     assert error is not None and error.code == "LLM_BAD_GATEWAY"
     assert route.call_count == 1
 
 
-async def test_read_timeout_after_first_token_is_timeout_not_retried(respx_mock: respx.MockRouter, lm) -> None:
+async def test_read_timeout_after_first_token_is_timeout_not_retried(
+    respx_mock: respx.MockRouter, lm
+) -> None:
     route = respx_mock.post(CHAT_URL).mock(
-        side_effect=lambda request: sse_response(event(chunk("Hel")), httpx.ReadTimeout("timed out"))
+        side_effect=lambda request: sse_response(
+            event(chunk("Hel")), httpx.ReadTimeout("timed out")
+        )
     )
     received, error = await run_stream(lm(max_retries=3))
     assert texts(received) == ["Hel"]
@@ -651,7 +774,9 @@ async def test_stream_without_finish_reason_is_bad_gateway(
 
 async def test_invalid_json_mid_stream_is_bad_gateway(respx_mock: respx.MockRouter, lm) -> None:
     route = respx_mock.post(CHAT_URL).mock(
-        side_effect=lambda request: sse_response(event(chunk("ok")), event('{"choices": [{"delta": '), DONE)
+        side_effect=lambda request: sse_response(
+            event(chunk("ok")), event('{"choices": [{"delta": '), DONE
+        )
     )
     received, error = await run_stream(lm(max_retries=3))
     assert texts(received) == ["ok"]
@@ -660,13 +785,30 @@ async def test_invalid_json_mid_stream_is_bad_gateway(respx_mock: respx.MockRout
 
 
 ERROR_CHUNKS = [
-    pytest.param({"error": {"code": 502, "message": "Provider disconnected"}}, "Provider disconnected",
-                 id="top-level-error"),
-    pytest.param(chunk("", finish="error", error={"code": 502, "message": "Provider disconnected"}),
-                 "Provider disconnected", id="openrouter-error-and-finish-error"),
-    pytest.param({"choices": [{"index": 0, "delta": {}, "finish_reason": "error",
-                               "error": {"message": "Model crashed"}}]}, "Model crashed",
-                 id="choice-error-finish-error"),
+    pytest.param(
+        {"error": {"code": 502, "message": "Provider disconnected"}},
+        "Provider disconnected",
+        id="top-level-error",
+    ),
+    pytest.param(
+        chunk("", finish="error", error={"code": 502, "message": "Provider disconnected"}),
+        "Provider disconnected",
+        id="openrouter-error-and-finish-error",
+    ),
+    pytest.param(
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {},
+                    "finish_reason": "error",
+                    "error": {"message": "Model crashed"},
+                }
+            ]
+        },
+        "Model crashed",
+        id="choice-error-finish-error",
+    ),
     pytest.param(chunk(finish="error"), "error", id="finish-reason-error-only"),
 ]
 
@@ -686,9 +828,11 @@ async def test_in_stream_error_chunk_is_bad_gateway(
 
 
 async def test_generate_error_body_is_bad_gateway(respx_mock: respx.MockRouter, lm) -> None:
-    respx_mock.post(CHAT_URL).mock(return_value=httpx.Response(
-        200, json={"error": {"code": 502, "message": "Provider disconnected"}}
-    ))
+    respx_mock.post(CHAT_URL).mock(
+        return_value=httpx.Response(
+            200, json={"error": {"code": 502, "message": "Provider disconnected"}}
+        )
+    )
     with pytest.raises(LLMError) as info:
         await lm().generate(HI)
     assert info.value.code == "LLM_BAD_GATEWAY"
@@ -696,7 +840,9 @@ async def test_generate_error_body_is_bad_gateway(respx_mock: respx.MockRouter, 
 
 
 async def test_generate_non_json_body_is_bad_gateway(respx_mock: respx.MockRouter, lm) -> None:
-    route = respx_mock.post(CHAT_URL).mock(return_value=httpx.Response(200, text="<html>proxy</html>"))
+    route = respx_mock.post(CHAT_URL).mock(
+        return_value=httpx.Response(200, text="<html>proxy</html>")
+    )
     with pytest.raises(LLMError) as info:
         await lm(max_retries=3).generate(HI)
     assert info.value.code == "LLM_BAD_GATEWAY"
@@ -706,9 +852,13 @@ async def test_generate_non_json_body_is_bad_gateway(respx_mock: respx.MockRoute
 # Timeouts ---------------------------------------------------------------------------------------------
 
 
-async def test_idle_timeout_is_not_reset_by_keep_alive_comments(respx_mock: respx.MockRouter, lm) -> None:
+async def test_idle_timeout_is_not_reset_by_keep_alive_comments(
+    respx_mock: respx.MockRouter, lm
+) -> None:
     body = KeepAlive(every=0.05)
-    respx_mock.post(CHAT_URL).mock(return_value=httpx.Response(200, headers=SSE_HEADERS, stream=body))
+    respx_mock.post(CHAT_URL).mock(
+        return_value=httpx.Response(200, headers=SSE_HEADERS, stream=body)
+    )
     provider = lm(idle_timeout=0.3, max_retries=0)
     started = time.perf_counter()
     async with asyncio.timeout(3):  # the keep-alives never end: fail fast without an idle timeout
@@ -733,7 +883,9 @@ async def test_idle_timeout_bounds_the_gap_between_tokens_not_the_whole_stream(
     assert texts(received) == ["a", "b", "c", "d", "e", "f"]
 
 
-async def test_stall_after_first_token_times_out_without_retry(respx_mock: respx.MockRouter, lm) -> None:
+async def test_stall_after_first_token_times_out_without_retry(
+    respx_mock: respx.MockRouter, lm
+) -> None:
     route = respx_mock.post(CHAT_URL).mock(
         side_effect=lambda request: sse_response(event(chunk("first")), 10.0, *sse_events("late"))
     )
@@ -756,8 +908,10 @@ async def test_read_timeout_ends_a_stalled_stream_on_a_real_socket(lm) -> None:
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                     b"transfer-encoding: chunked\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
         writer.write(b"%x\r\n%s\r\n" % (len(first), first))
         await writer.drain()
         await release.wait()
@@ -766,8 +920,11 @@ async def test_read_timeout_ends_a_stalled_stream_on_a_real_socket(lm) -> None:
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        provider = lm(idle_timeout=30, max_retries=3,
-                      lm_studio={"base_url": f"http://127.0.0.1:{port}/v1", "read_timeout": 0.3})
+        provider = lm(
+            idle_timeout=30,
+            max_retries=3,
+            lm_studio={"base_url": f"http://127.0.0.1:{port}/v1", "read_timeout": 0.3},
+        )
         started = time.perf_counter()
         async with asyncio.timeout(5):
             received, error = await run_stream(provider)
@@ -784,9 +941,13 @@ async def test_read_timeout_ends_a_stalled_stream_on_a_real_socket(lm) -> None:
 # Closing the upstream response -------------------------------------------------------------------------
 
 
-async def test_stopping_early_closes_the_upstream_response(respx_mock: respx.MockRouter, lm) -> None:
+async def test_stopping_early_closes_the_upstream_response(
+    respx_mock: respx.MockRouter, lm
+) -> None:
     body = Pieces(*sse_events("one", "two", "three"))
-    respx_mock.post(CHAT_URL).mock(return_value=httpx.Response(200, headers=SSE_HEADERS, stream=body))
+    respx_mock.post(CHAT_URL).mock(
+        return_value=httpx.Response(200, headers=SSE_HEADERS, stream=body)
+    )
     agen = lm().stream(HI)
     first = await anext(agen)
     assert first.text == "one"
@@ -795,9 +956,13 @@ async def test_stopping_early_closes_the_upstream_response(respx_mock: respx.Moc
     assert body.closed is True
 
 
-async def test_finished_stream_closes_the_upstream_response(respx_mock: respx.MockRouter, lm) -> None:
+async def test_finished_stream_closes_the_upstream_response(
+    respx_mock: respx.MockRouter, lm
+) -> None:
     body = Pieces(*sse_events("one"))
-    respx_mock.post(CHAT_URL).mock(return_value=httpx.Response(200, headers=SSE_HEADERS, stream=body))
+    respx_mock.post(CHAT_URL).mock(
+        return_value=httpx.Response(200, headers=SSE_HEADERS, stream=body)
+    )
     received, error = await run_stream(lm())
     assert error is None and received[-1].finish_reason == "stop"
     assert body.closed is True
@@ -805,7 +970,9 @@ async def test_finished_stream_closes_the_upstream_response(respx_mock: respx.Mo
 
 async def test_failed_stream_closes_the_upstream_response(respx_mock: respx.MockRouter, lm) -> None:
     body = Pieces(event(chunk("one")), event("not json"))
-    respx_mock.post(CHAT_URL).mock(return_value=httpx.Response(200, headers=SSE_HEADERS, stream=body))
+    respx_mock.post(CHAT_URL).mock(
+        return_value=httpx.Response(200, headers=SSE_HEADERS, stream=body)
+    )
     _, error = await run_stream(lm())
     assert error is not None and error.code == "LLM_BAD_GATEWAY"
     assert body.closed is True

@@ -19,10 +19,10 @@ from tests.conftest import OPENROUTER, OPENROUTER_KEY
 from tests.llm.test_providers import (
     DONE,
     HI,
+    chunk,
     comment,
     completion_response,
     error_response,
-    chunk,
     event,
     models_response,
     run_stream,
@@ -43,7 +43,9 @@ def orp(llm_config: Callable[..., dict[str, Any]]) -> Callable[..., OpenRouterPr
     """`orp(**openrouter_config)` configures OpenRouter (with site/app headers) and returns it."""
 
     def build(max_retries: int = 3, **config: Any) -> OpenRouterProvider:
-        llm_config(max_retries=max_retries, openrouter={"site_url": SITE, "app_name": APP, **config})
+        llm_config(
+            max_retries=max_retries, openrouter={"site_url": SITE, "app_name": APP, **config}
+        )
         provider = get_provider("openrouter")
         assert isinstance(provider, OpenRouterProvider)
         return provider
@@ -72,7 +74,9 @@ def chain_text(exc: BaseException) -> str:
 # Headers and payload ------------------------------------------------------------------------------------
 
 
-async def test_generate_sends_key_and_attribution_headers(respx_mock: respx.MockRouter, orp) -> None:
+async def test_generate_sends_key_and_attribution_headers(
+    respx_mock: respx.MockRouter, orp
+) -> None:
     chat = respx_mock.post(CHAT_URL).mock(return_value=completion_response())
     await orp().generate(HI)
     headers = chat.calls.last.request.headers
@@ -95,7 +99,9 @@ async def test_stream_and_ping_send_the_same_headers(respx_mock: respx.MockRoute
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_payload_asks_for_usage_accounting(respx_mock: respx.MockRouter, orp, stream: bool) -> None:
+async def test_payload_asks_for_usage_accounting(
+    respx_mock: respx.MockRouter, orp, stream: bool
+) -> None:
     reply = sse_response(*sse_events("hi")) if stream else completion_response()
     chat = respx_mock.post(CHAT_URL).mock(return_value=reply)
     provider = orp()
@@ -114,23 +120,46 @@ async def test_payload_asks_for_usage_accounting(respx_mock: respx.MockRouter, o
 # Streams as OpenRouter sends them ------------------------------------------------------------------------
 
 
-async def test_processing_comments_ignored_and_usage_reported(respx_mock: respx.MockRouter, orp) -> None:
-    body = [comment(), comment(), event(chunk("Hello", model="anthropic/claude")), comment(),
-            event(chunk(" you", model="anthropic/claude")),
-            event(chunk("", finish="stop", model="anthropic/claude",
-                        usage={"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11})),
-            DONE]
+async def test_processing_comments_ignored_and_usage_reported(
+    respx_mock: respx.MockRouter, orp
+) -> None:
+    body = [
+        comment(),
+        comment(),
+        event(chunk("Hello", model="anthropic/claude")),
+        comment(),
+        event(chunk(" you", model="anthropic/claude")),
+        event(
+            chunk(
+                "",
+                finish="stop",
+                model="anthropic/claude",
+                usage={"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11},
+            )
+        ),
+        DONE,
+    ]
     respx_mock.post(CHAT_URL).mock(return_value=sse_response(*body))
     received, error = await run_stream(orp())
     assert error is None
     assert [c.text for c in received] == ["Hello", " you", ""]
     final = received[-1]
     assert final.finish_reason == "stop" and final.model == "anthropic/claude"
-    assert (final.usage.prompt_tokens, final.usage.completion_tokens, final.usage.estimated) == (9, 2, False)
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens, final.usage.estimated) == (
+        9,
+        2,
+        False,
+    )
 
 
-async def test_mid_stream_error_is_bad_gateway_with_upstream_message(respx_mock: respx.MockRouter, orp) -> None:
-    bad = chunk("", finish="error", error={"code": "server_error", "message": "Provider disconnected unexpectedly"})
+async def test_mid_stream_error_is_bad_gateway_with_upstream_message(
+    respx_mock: respx.MockRouter, orp
+) -> None:
+    bad = chunk(
+        "",
+        finish="error",
+        error={"code": "server_error", "message": "Provider disconnected unexpectedly"},
+    )
     route = respx_mock.post(CHAT_URL).mock(
         side_effect=lambda request: sse_response(comment(), event(chunk("Par")), event(bad), DONE)
     )
@@ -164,19 +193,24 @@ async def _every_entry_point(provider: OpenRouterProvider) -> list[tuple[str, st
     return codes
 
 
-@pytest.mark.parametrize("config", [{"enabled": False}, {"enabled": True, "api_key": ""}],
-                         ids=["switched-off", "no-key"])
+@pytest.mark.parametrize(
+    "config", [{"enabled": False}, {"enabled": True, "api_key": ""}], ids=["switched-off", "no-key"]
+)
 async def test_disabled_refuses_without_any_http_call(
     respx_mock: respx.MockRouter, orp, config: dict[str, Any]
 ) -> None:
     anything = respx_mock.route(host="openrouter.test").mock(return_value=completion_response())
     codes = await _every_entry_point(orp(**config))
-    assert codes == [(name, "LLM_PROVIDER_DISABLED") for name in ("generate", "stream", "list_models", "ping")]
+    assert codes == [
+        (name, "LLM_PROVIDER_DISABLED") for name in ("generate", "stream", "list_models", "ping")
+    ]
     assert anything.call_count == 0
 
 
 def test_disabled_error_is_provider_disabled() -> None:
-    provider = OpenRouterProvider("openrouter", base_url=OPENROUTER, api_key=OPENROUTER_KEY, enabled=False)
+    provider = OpenRouterProvider(
+        "openrouter", base_url=OPENROUTER, api_key=OPENROUTER_KEY, enabled=False
+    )
     with pytest.raises(ProviderDisabled) as info:
         provider.check_enabled()
     assert info.value.code == "LLM_PROVIDER_DISABLED" and info.value.status == 400
@@ -197,7 +231,9 @@ async def test_key_echoed_in_401_is_not_in_the_error(respx_mock: respx.MockRoute
     assert OPENROUTER_KEY not in chain_text(info.value)  # ...without the key
 
 
-async def test_key_echoed_in_plain_text_5xx_is_not_in_the_error(respx_mock: respx.MockRouter, orp) -> None:
+async def test_key_echoed_in_plain_text_5xx_is_not_in_the_error(
+    respx_mock: respx.MockRouter, orp
+) -> None:
     respx_mock.post(CHAT_URL).mock(side_effect=lambda request: httpx.Response(502, text=ECHO))
     with pytest.raises(LLMError) as info:
         await orp(max_retries=1).generate(HI)
@@ -205,7 +241,9 @@ async def test_key_echoed_in_plain_text_5xx_is_not_in_the_error(respx_mock: resp
     assert OPENROUTER_KEY not in chain_text(info.value)
 
 
-async def test_key_echoed_in_stream_error_response_is_not_in_the_error(respx_mock: respx.MockRouter, orp) -> None:
+async def test_key_echoed_in_stream_error_response_is_not_in_the_error(
+    respx_mock: respx.MockRouter, orp
+) -> None:
     respx_mock.post(CHAT_URL).mock(return_value=error_response(403, ECHO))
     received, error = await run_stream(orp())
     assert received == [] and error is not None and error.code == "LLM_BAD_REQUEST"
@@ -223,15 +261,23 @@ async def test_key_echoed_in_an_in_stream_error_chunk_is_not_in_the_error(
     assert OPENROUTER_KEY not in chain_text(error)
 
 
-async def test_key_echoed_in_invalid_stream_json_is_not_in_the_error(respx_mock: respx.MockRouter, orp) -> None:
-    respx_mock.post(CHAT_URL).mock(return_value=sse_response(event(chunk("a")), event(f"oops {ECHO}"), DONE))
+async def test_key_echoed_in_invalid_stream_json_is_not_in_the_error(
+    respx_mock: respx.MockRouter, orp
+) -> None:
+    respx_mock.post(CHAT_URL).mock(
+        return_value=sse_response(event(chunk("a")), event(f"oops {ECHO}"), DONE)
+    )
     received, error = await run_stream(orp())
     assert error is not None and error.code == "LLM_BAD_GATEWAY"
     assert OPENROUTER_KEY not in chain_text(error)
 
 
-async def test_key_echoed_in_a_200_error_body_is_not_in_the_error(respx_mock: respx.MockRouter, orp) -> None:
-    respx_mock.post(CHAT_URL).mock(return_value=httpx.Response(200, json={"error": {"message": ECHO}}))
+async def test_key_echoed_in_a_200_error_body_is_not_in_the_error(
+    respx_mock: respx.MockRouter, orp
+) -> None:
+    respx_mock.post(CHAT_URL).mock(
+        return_value=httpx.Response(200, json={"error": {"message": ECHO}})
+    )
     with pytest.raises(LLMError) as info:
         await orp().generate(HI)
     assert info.value.code == "LLM_BAD_GATEWAY"
@@ -250,12 +296,14 @@ async def test_key_never_in_log_records(
 ) -> None:
     caplog.set_level(logging.INFO, logger="llm")
     caplog.set_level(logging.INFO, logger="httpx")
-    respx_mock.post(CHAT_URL).mock(side_effect=[
-        error_response(503, ECHO),  # retried, logged
-        error_response(401, ECHO),  # refused
-        sse_response(event(chunk("a")), event({"error": {"message": ECHO}}), DONE),
-        completion_response(ECHO),  # the key in a reply's content
-    ])
+    respx_mock.post(CHAT_URL).mock(
+        side_effect=[
+            error_response(503, ECHO),  # retried, logged
+            error_response(401, ECHO),  # refused
+            sse_response(event(chunk("a")), event({"error": {"message": ECHO}}), DONE),
+            completion_response(ECHO),  # the key in a reply's content
+        ]
+    )
     provider = orp(max_retries=1)
     with pytest.raises(LLMError):
         await provider.generate(HI)

@@ -24,8 +24,15 @@ def _empty_cache() -> None:
 
 @pytest.mark.parametrize(
     ("rate", "parsed"),
-    [("60/m", (60, 60)), ("5/s", (5, 1)), ("1000/hour", (1000, 3600)), (" 2 / d ", (2, 86400)),
-     ("off", None), ("", None), ("0", None)],
+    [
+        ("60/m", (60, 60)),
+        ("5/s", (5, 1)),
+        ("1000/hour", (1000, 3600)),
+        (" 2 / d ", (2, 86400)),
+        ("off", None),
+        ("", None),
+        ("0", None),
+    ],
 )
 def test_parse_rate(rate: str, parsed: tuple[int, int] | None) -> None:
     assert parse_rate(rate) == parsed
@@ -59,7 +66,9 @@ async def test_counting_does_not_wait_for_the_database_thread(settings: Any) -> 
     assert waited < 0.5, f"the rate check waited {waited:.2f} s for the database thread"
 
 
-async def test_a_cache_outage_lets_generation_through(settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_cache_outage_lets_generation_through(
+    settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings.LLM_RATE_LIMIT = "1/m"
 
     def down(*args: Any, **kwargs: Any) -> None:

@@ -68,9 +68,13 @@ def text_of(frames: list[dict[str, Any]]) -> str:
     return "".join(f["text"] for f in frames if f["type"] == "token")
 
 
-async def generate(base: str, model: str, messages: list[dict[str, str]], **fields: Any) -> list[dict[str, Any]]:
+async def generate(
+    base: str, model: str, messages: list[dict[str, str]], **fields: Any
+) -> list[dict[str, Any]]:
     async with websockets.connect(ws_url(base), origin="http://localhost") as ws:
-        await ws.send(json.dumps({"type": "generate", "messages": messages, "model": model, **fields}))
+        await ws.send(
+            json.dumps({"type": "generate", "messages": messages, "model": model, **fields})
+        )
         return await until_end(ws)
 
 
@@ -127,7 +131,9 @@ def own_database(env: dict[str, str]) -> Iterator[dict[str, str]]:
     with psycopg.connect(env["DATABASE_URL"], autocommit=True, connect_timeout=5) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
         try:
-            yield env | {"DATABASE_URL": urlunsplit(urlsplit(env["DATABASE_URL"])._replace(path=f"/{name}"))}
+            yield env | {
+                "DATABASE_URL": urlunsplit(urlsplit(env["DATABASE_URL"])._replace(path=f"/{name}"))
+            }
         finally:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -160,7 +166,8 @@ def snapshot(env: dict[str, str], killed: str) -> dict[str, list[tuple[tuple[str
             names = [column[0] for column in cursor.description]
             rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
             tables[table] = [
-                tuple(sorted(row.items())) for row in rows
+                tuple(sorted(row.items()))
+                for row in rows
                 if session_column is None or uuid.UUID(str(row[session_column])) != killed_id
             ]
     return tables
@@ -191,18 +198,30 @@ def check_integrity(env: dict[str, str]) -> dict[str, int]:
     return counts
 
 
-def assert_untouched(env: dict[str, str], killed: str, before: dict[str, list[Any]], killed_messages: int) -> None:
+def assert_untouched(
+    env: dict[str, str], killed: str, before: dict[str, list[Any]], killed_messages: int
+) -> None:
     """Every row but the killed session's is as it was; the counts are those rows plus its own."""
     after = snapshot(env, killed)
     for table in TABLES:
         was = {dict(row)["id"]: dict(row) for row in before[table]}
         now = {dict(row)["id"]: dict(row) for row in after[table]}
         changed = {
-            pk: {column: (value, now[pk].get(column)) for column, value in row.items() if now[pk].get(column) != value}
-            for pk, row in was.items() if pk in now and now[pk] != row
+            pk: {
+                column: (value, now[pk].get(column))
+                for column, value in row.items()
+                if now[pk].get(column) != value
+            }
+            for pk, row in was.items()
+            if pk in now and now[pk] != row
         }
-        lost, new = sorted(was.keys() - now.keys(), key=str), sorted(now.keys() - was.keys(), key=str)
-        assert not (changed or lost or new), f"{table}: changed (before, after) {changed}, lost {lost}, new {new}"
+        lost, new = (
+            sorted(was.keys() - now.keys(), key=str),
+            sorted(now.keys() - was.keys(), key=str),
+        )
+        assert not (changed or lost or new), (
+            f"{table}: changed (before, after) {changed}, lost {lost}, new {new}"
+        )
     counts = check_integrity(env)
     assert counts == {
         "llm_session": len(before["llm_session"]) + 1,
@@ -215,8 +234,13 @@ async def test_sigkill_mid_stream_then_restart(tmp_path: Path) -> None:
     ids: list[str] = []
     with servers.fake_upstream(tmp_path) as upstream:
         shared = project_env(
-            tmp_path, LM_STUDIO_BASE_URL=upstream, LM_STUDIO_DEFAULT_MODEL="fake-model", LLM_MAX_TOKENS="5000",
-            LLM_STREAM_IDLE_TIMEOUT="1", LLM_MAX_RETRIES="0", LLM_RETRY_DELAY="0",
+            tmp_path,
+            LM_STUDIO_BASE_URL=upstream,
+            LM_STUDIO_DEFAULT_MODEL="fake-model",
+            LLM_MAX_TOKENS="5000",
+            LLM_STREAM_IDLE_TIMEOUT="1",
+            LLM_MAX_RETRIES="0",
+            LLM_RETRY_DELAY="0",
         )
         with own_database(shared) as env:
             await _kill_and_restart(env, tmp_path, ids)
@@ -225,30 +249,47 @@ async def test_sigkill_mid_stream_then_restart(tmp_path: Path) -> None:
 async def _kill_and_restart(env: dict[str, str], tmp_path: Path, ids: list[str]) -> None:
     # 1. A first server: sessions that end normally, then one killed mid-stream. --------------
     with servers.daphne_process(env, tmp_path) as (base, pid):
-        servers.manage(env | {"DJANGO_SUPERUSER_PASSWORD": uuid.uuid4().hex}, "createsuperuser", "--noinput",
-                       "--username", KEEPER, "--email", "keeper@example.com")
+        servers.manage(
+            env | {"DJANGO_SUPERUSER_PASSWORD": uuid.uuid4().hex},
+            "createsuperuser",
+            "--noinput",
+            "--username",
+            KEEPER,
+            "--email",
+            "keeper@example.com",
+        )
         async with httpx.AsyncClient(base_url=base, timeout=10) as http:
             before = await _finished_sessions(base, http, ids)
 
             ws = await websockets.connect(ws_url(base), origin="http://localhost")
-            await ws.send(json.dumps({"type": "generate", "messages": user("Tell a long story"), "model": SLOW}))
+            await ws.send(
+                json.dumps(
+                    {"type": "generate", "messages": user("Tell a long story"), "model": SLOW}
+                )
+            )
             start = json.loads(await ws.recv())
             assert start["type"] == "start", start
             slow_id = start["session_id"]
             ids.append(slow_id)
             received = ""
             reading_since = time.monotonic()
-            while time.monotonic() - reading_since < SAVE_INTERVAL + 0.8:  # the autosave runs at 2 s
+            while (
+                time.monotonic() - reading_since < SAVE_INTERVAL + 0.8
+            ):  # the autosave runs at 2 s
                 frame = json.loads(await ws.recv())
                 assert frame["type"] == "token", frame
                 received += frame["text"]
             during = await session(http, slow_id)
             assert during["status"] == "streaming", during
-            assert reply(during), f"nothing autosaved after {SAVE_INTERVAL + 0.8:g} s: {during['messages']}"
+            assert reply(during), (
+                f"nothing autosaved after {SAVE_INTERVAL + 0.8:g} s: {during['messages']}"
+            )
 
             rows = await asyncio.to_thread(snapshot, env, slow_id)
             assert len(rows["llm_session"]) == len(before)
-            assert len(rows["llm_message"]) == sum(len(stored["messages"]) for stored in before.values())
+            assert len(rows["llm_message"]) == sum(
+                len(stored["messages"]) for stored in before.values()
+            )
             assert [dict(user)["username"] for user in rows["auth_user"]] == [KEEPER]
             killed_at = time.perf_counter()
             os.kill(pid, signal.SIGKILL)
@@ -264,7 +305,9 @@ async def _kill_and_restart(env: dict[str, str], tmp_path: Path, ids: list[str])
         assert ws.close_code != 1000, "the socket closed cleanly: was the server killed?"
     # Leaving the block reaped the killed process: its pid is free, as after a real crash.
 
-    await asyncio.to_thread(check_integrity, env)  # sound straight after the kill, before any recovery
+    await asyncio.to_thread(
+        check_integrity, env
+    )  # sound straight after the kill, before any recovery
 
     # 2. A new server on the same database: recovery runs before its first request. ----------
     with servers.daphne_process(env, tmp_path) as (base, _pid):
@@ -273,7 +316,9 @@ async def _kill_and_restart(env: dict[str, str], tmp_path: Path, ids: list[str])
             assert killed["status"] == "interrupted", killed
             assert killed["error"] is not None and killed["error"]["code"] == "INTERRUPTED", killed
             assert killed["finished_at"] is not None
-            assert [m["role"] for m in killed["messages"]] == ["user", "assistant"], killed["messages"]
+            assert [m["role"] for m in killed["messages"]] == ["user", "assistant"], killed[
+                "messages"
+            ]
             assert killed["messages"][0]["content"] == "Tell a long story"
             saved = reply(killed)
             assert saved, "the partial reply was lost"
@@ -282,15 +327,19 @@ async def _kill_and_restart(env: dict[str, str], tmp_path: Path, ids: list[str])
             # At most one save interval behind the moment of the kill (each token carries the
             # time the upstream sent it: perf_counter is the system's monotonic clock).
             stored_tokens, got_tokens = tokens_of(saved), tokens_of(received)
-            assert [name for name, _ in stored_tokens] == [f"t{i}" for i in range(len(stored_tokens))]
+            assert [name for name, _ in stored_tokens] == [
+                f"t{i}" for i in range(len(stored_tokens))
+            ]
             behind = killed_at - stored_tokens[-1][1]
             assert behind <= SAVE_INTERVAL + SLACK, (
                 f"the stored text ends {behind:.2f} s before the kill: {len(stored_tokens)} tokens "
                 f"stored, {len(got_tokens)} received"
             )
             assert len(got_tokens) - len(stored_tokens) <= (SAVE_INTERVAL + SLACK) / TOKEN_DELAY
-            print(f"killed {behind:.2f} s after the last saved token; "
-                  f"{len(stored_tokens)} tokens stored, {len(got_tokens)} received")
+            print(
+                f"killed {behind:.2f} s after the last saved token; "
+                f"{len(stored_tokens)} tokens stored, {len(got_tokens)} received"
+            )
 
             # Read straight from the database: the recovery touched the killed session alone.
             await asyncio.to_thread(assert_untouched, env, slow_id, rows, 2)
@@ -298,11 +347,15 @@ async def _kill_and_restart(env: dict[str, str], tmp_path: Path, ids: list[str])
             for session_id, stored in before.items():
                 assert await session(http, session_id) == stored, f"session {session_id} changed"
 
-            listed = await http.get("/api/v1/sessions", params={"status": "interrupted", "page_size": 100})
+            listed = await http.get(
+                "/api/v1/sessions", params={"status": "interrupted", "page_size": 100}
+            )
             assert listed.status_code == 200, listed.text
             assert slow_id in {item["id"] for item in listed.json()["items"]}
             everything = await http.get("/api/v1/sessions")
-            assert everything.status_code == 200 and everything.json()["count"] >= len(ids), everything.text
+            assert everything.status_code == 200 and everything.json()["count"] >= len(ids), (
+                everything.text
+            )
 
             # The interrupted conversation goes on: its stored history (with the partial reply) first.
             frames = await generate(base, "bench:tokens=3", user("Go on"), session_id=slow_id)
@@ -310,14 +363,21 @@ async def _kill_and_restart(env: dict[str, str], tmp_path: Path, ids: list[str])
             continued = await final(http, slow_id)
             assert continued["status"] == "completed", continued
             assert [m["content"] for m in continued["messages"]] == [
-                "Tell a long story", saved, "Go on", " t0 t1 t2"
+                "Tell a long story",
+                saved,
+                "Go on",
+                " t0 t1 t2",
             ]
             for session_id, stored in before.items():  # still untouched
                 assert await session(http, session_id) == stored, f"session {session_id} changed"
-            await asyncio.to_thread(assert_untouched, env, slow_id, rows, 4)  # continuing wrote its own rows only
+            await asyncio.to_thread(
+                assert_untouched, env, slow_id, rows, 4
+            )  # continuing wrote its own rows only
 
 
-async def _finished_sessions(base: str, http: httpx.AsyncClient, ids: list[str]) -> dict[str, dict[str, Any]]:
+async def _finished_sessions(
+    base: str, http: httpx.AsyncClient, ids: list[str]
+) -> dict[str, dict[str, Any]]:
     """Sessions in each final state, as the API shows them once they ended."""
     made: dict[str, dict[str, Any]] = {}
 
@@ -325,16 +385,25 @@ async def _finished_sessions(base: str, http: httpx.AsyncClient, ids: list[str])
     assert frames[-1]["type"] == "done", frames
     first = frames[0]["session_id"]
     ids.append(first)
-    frames = await generate(base, "bench:tokens=5", user("And to five"), session_id=first)  # a second turn
+    frames = await generate(
+        base, "bench:tokens=5", user("And to five"), session_id=first
+    )  # a second turn
     assert frames[-1]["type"] == "done", frames
     made[first] = await final(http, first)
     assert made[first]["status"] == "completed", made[first]
     assert [m["content"] for m in made[first]["messages"]] == [
-        "Count to thirty", "".join(f" t{i}" for i in range(30)), "And to five", " t0 t1 t2 t3 t4"
+        "Count to thirty",
+        "".join(f" t{i}" for i in range(30)),
+        "And to five",
+        " t0 t1 t2 t3 t4",
     ]
 
     async with websockets.connect(ws_url(base), origin="http://localhost") as ws:
-        ramble = {"type": "generate", "messages": user("Ramble"), "model": "bench:tokens=500,delay=0.01"}
+        ramble = {
+            "type": "generate",
+            "messages": user("Ramble"),
+            "model": "bench:tokens=500,delay=0.01",
+        }
         await ws.send(json.dumps(ramble))
         frames = [json.loads(await ws.recv()) for _ in range(4)]
         start = frames[0]
@@ -346,7 +415,9 @@ async def _finished_sessions(base: str, http: httpx.AsyncClient, ids: list[str])
     made[start["session_id"]] = cancelled = await final(http, start["session_id"])
     assert cancelled["status"] == "cancelled" and reply(cancelled) == text_of(frames), cancelled
 
-    frames = await generate(base, "bench:tokens=5,ttft=3", user("Stall"))  # > LLM_STREAM_IDLE_TIMEOUT
+    frames = await generate(
+        base, "bench:tokens=5,ttft=3", user("Stall")
+    )  # > LLM_STREAM_IDLE_TIMEOUT
     end = frames[-1]
     assert (end["type"], end["code"]) == ("error", "LLM_TIMEOUT"), frames
     ids.append(end["session_id"])

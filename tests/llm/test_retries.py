@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
 
 from llm.retries import RETRY_STATUSES, backoff_delay, parse_retry_after
 
-NOW = datetime(2025, 3, 14, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 3, 14, 12, 0, 0, tzinfo=UTC)
 
 
 def http_date(when: datetime) -> str:
@@ -39,7 +39,7 @@ def test_parse_retry_after_http_date() -> None:
 
 
 def test_parse_retry_after_http_date_literal() -> None:
-    now = datetime(2015, 10, 21, 7, 27, 0, tzinfo=timezone.utc)
+    now = datetime(2015, 10, 21, 7, 27, 0, tzinfo=UTC)
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=now) == pytest.approx(60.0)
 
 
@@ -49,7 +49,7 @@ def test_parse_retry_after_http_date_far_ahead() -> None:
 
 
 def test_parse_retry_after_http_date_uses_the_clock_by_default() -> None:
-    header = http_date(datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=20))
+    header = http_date(datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=20))
     seconds = parse_retry_after(header)
     assert seconds is not None
     assert 17 <= seconds <= 20

@@ -79,8 +79,14 @@ def serve(tmp_path: Path, **overrides: str) -> Iterator[Serve]:
     command = [sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port", str(port)]
     with log.open("wb") as out:
         process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_default_sigint,
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_default_sigint,
         )
     try:
         wait_http(f"http://127.0.0.1:{port}/", process, log, timeout=90)
@@ -127,7 +133,7 @@ def gone(pid: int) -> bool:
 
 def frames_of(text: str) -> list[dict]:
     lines = text.splitlines()
-    return [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
+    return [json.loads(line[len("data: ") :]) for line in lines if line.startswith("data: ")]
 
 
 def curl_generate(

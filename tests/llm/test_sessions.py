@@ -54,7 +54,9 @@ async def messages_of(session: Session) -> list[tuple[int, str, str]]:
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_completed_generation_is_stored_with_usage_timings_and_messages(upstream: Any) -> None:
+async def test_completed_generation_is_stored_with_usage_timings_and_messages(
+    upstream: Any,
+) -> None:
     tokens = ["The", " blue", " one", " is", " 150", "."]
     upstream.replies.append(Reply(tokens=tokens, ttft=0.05, delay=0.02))
 
@@ -178,7 +180,9 @@ async def test_stalled_stream_is_stored_failed_timeout_with_its_partial_text(
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_a_finish_reason_outside_the_contract_ends_stop_and_is_stored_as_given(upstream: Any) -> None:
+async def test_a_finish_reason_outside_the_contract_ends_stop_and_is_stored_as_given(
+    upstream: Any,
+) -> None:
     upstream.default = Reply(finish_reason="content_filter")
     response = await generate({"messages": CONVERSATION})
     assert response.status_code == 200, response.content
@@ -192,7 +196,9 @@ async def test_a_finish_reason_outside_the_contract_ends_stop_and_is_stored_as_g
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_nul_characters_from_the_upstream_are_stored_as_replacement_characters(upstream: Any) -> None:
+async def test_nul_characters_from_the_upstream_are_stored_as_replacement_characters(
+    upstream: Any,
+) -> None:
     """PostgreSQL text cannot hold NUL: one in a token (or the model's name) must not cost the
     reply, nor the autosave of every other stream in the process."""
     upstream.default = Reply(tokens=["a\x00b", " c"], model="fake\x00model")
@@ -204,13 +210,16 @@ async def test_nul_characters_from_the_upstream_are_stored_as_replacement_charac
     assert '"a\\ufffdb"' in body or "a\ufffdb" in body
     sessions = [s async for s in Session.objects.all()]
     assert [(s.status, s.model) for s in sessions] == [("completed", "fake\ufffdmodel")] * 2
-    assert [m async for m in Message.objects.filter(role="assistant").values_list("content", flat=True)] == [
-        "a\ufffdb c"] * 2
+    assert [
+        m async for m in Message.objects.filter(role="assistant").values_list("content", flat=True)
+    ] == ["a\ufffdb c"] * 2
 
 
 @pytest.mark.django_db(transaction=True)
 async def test_usage_that_is_not_a_count_is_estimated_instead(upstream: Any) -> None:
-    upstream.replies.append(Reply(usage={"prompt_tokens": -1, "completion_tokens": 3, "total_tokens": 2}))
+    upstream.replies.append(
+        Reply(usage={"prompt_tokens": -1, "completion_tokens": 3, "total_tokens": 2})
+    )
     response = await generate({"messages": CONVERSATION})
     assert response.status_code == 200, response.content
     assert response.json()["usage"]["estimated"] is True
@@ -284,8 +293,12 @@ async def test_one_session_that_cannot_be_created_keeps_no_other_out() -> None:
     taken = await Session.objects.acreate(provider="lm_studio", status=Session.Status.COMPLETED)
     fresh = str(uuid.uuid4())
     opened = await asyncio.gather(
-        llm.sessions.open_session(str(taken.pk), [{"role": "user", "content": "a"}], "lm_studio", create=True),
-        llm.sessions.open_session(fresh, [{"role": "user", "content": "b"}], "lm_studio", create=True),
+        llm.sessions.open_session(
+            str(taken.pk), [{"role": "user", "content": "a"}], "lm_studio", create=True
+        ),
+        llm.sessions.open_session(
+            fresh, [{"role": "user", "content": "b"}], "lm_studio", create=True
+        ),
         return_exceptions=True,
     )
     assert isinstance(opened[0], Exception)  # its id is taken
@@ -327,7 +340,11 @@ async def test_reply_is_saved_periodically_not_per_token(upstream: Any, writes: 
         while not task.done() and time.monotonic() < deadline:
             reply = await Message.objects.filter(role="assistant").afirst()
             session = await Session.objects.afirst()
-            if reply is not None and session is not None and session.status == Session.Status.STREAMING:
+            if (
+                reply is not None
+                and session is not None
+                and session.status == Session.Status.STREAMING
+            ):
                 seen.append(reply.content)
             await asyncio.sleep(0.05)
         response = await asyncio.wait_for(task, 10)
@@ -355,7 +372,9 @@ async def test_reply_is_saved_periodically_not_per_token(upstream: Any, writes: 
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_concurrent_streams_share_one_write_per_interval(upstream: Any, writes: list[Any]) -> None:
+async def test_concurrent_streams_share_one_write_per_interval(
+    upstream: Any, writes: list[Any]
+) -> None:
     """Five streams at once cost one write per interval, not five: the process saves them together."""
     upstream.default = Reply(tokens=[f" t{i}" for i in range(20)], delay=0.05)  # about 1 s each
     responses = await asyncio.gather(*(generate({"messages": CONVERSATION}) for _ in range(5)))
@@ -367,7 +386,9 @@ async def test_concurrent_streams_share_one_write_per_interval(upstream: Any, wr
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_short_generation_is_not_saved_while_streaming(upstream: Any, writes: list[Any]) -> None:
+async def test_short_generation_is_not_saved_while_streaming(
+    upstream: Any, writes: list[Any]
+) -> None:
     """A reply shorter than SAVE_INTERVAL is written at its start and its end only."""
     upstream.replies.append(Reply(tokens=[f" w{i}" for i in range(50)]))
 
@@ -381,11 +402,17 @@ async def test_short_generation_is_not_saved_while_streaming(upstream: Any, writ
 # Start-up recovery ---------------------------------------------------------------------------
 
 
-def make_session(status: str, worker: str, age: timedelta = timedelta(0), text: str = "partial") -> Session:
+def make_session(
+    status: str, worker: str, age: timedelta = timedelta(0), text: str = "partial"
+) -> Session:
     now = timezone.now()
     session = Session.objects.create(
-        provider="lm_studio", model="fake-model", status=status, worker=worker,
-        created_at=now - age, updated_at=now - age,
+        provider="lm_studio",
+        model="fake-model",
+        status=status,
+        worker=worker,
+        created_at=now - age,
+        updated_at=now - age,
     )
     Message.objects.create(session=session, position=0, role="user", content="Hi")
     if text:
@@ -397,7 +424,10 @@ def make_session(status: str, worker: str, age: timedelta = timedelta(0), text: 
 def test_recover_interrupted_marks_dead_and_stale_sessions_only() -> None:
     dead_pid = make_session("streaming", DEAD_WORKER, text="half a rep")
     stale = make_session(
-        "streaming", "another-host:1234", age=llm.sessions.STALE_AFTER + timedelta(seconds=5), text="stale text"
+        "streaming",
+        "another-host:1234",
+        age=llm.sessions.STALE_AFTER + timedelta(seconds=5),
+        text="stale text",
     )
     live = make_session("streaming", llm.sessions.worker_id(), text="live text")
     remote_fresh = make_session("streaming", "another-host:1234", text="remote text")
@@ -411,7 +441,9 @@ def test_recover_interrupted_marks_dead_and_stale_sessions_only() -> None:
         assert session.finished_at is not None
         assert session.messages.get(position=1).content == text  # the partial text is kept
     for session, status in (
-        (live, "streaming"), (remote_fresh, "streaming"), (finished, "completed"),
+        (live, "streaming"),
+        (remote_fresh, "streaming"),
+        (finished, "completed"),
     ):
         session.refresh_from_db()
         assert session.status == status
@@ -487,7 +519,9 @@ async def test_startup_wrapper_answers_the_asgi_lifespan_and_recovers_at_startup
 
     await inbox.put({"type": "lifespan.startup"})
     await inbox.put({"type": "lifespan.shutdown"})
-    await asyncio.wait_for(wrapper({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, send), 5)
+    await asyncio.wait_for(
+        wrapper({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, send), 5
+    )
 
     assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
     assert app.scopes == []  # the lifespan is answered here, not passed to Django/Channels

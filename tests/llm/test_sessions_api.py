@@ -56,10 +56,17 @@ def error_of(response: Any) -> dict[str, str]:
 
 
 @sync_to_async
-def make_session(*, age: timedelta = timedelta(0), texts: tuple[tuple[str, str], ...] = (), **fields: Any) -> Session:
+def make_session(
+    *, age: timedelta = timedelta(0), texts: tuple[tuple[str, str], ...] = (), **fields: Any
+) -> Session:
     created = timezone.now() - age
-    values = {"provider": "lm_studio", "model": "fake-model", "status": "completed", "created_at": created,
-              "updated_at": created}
+    values = {
+        "provider": "lm_studio",
+        "model": "fake-model",
+        "status": "completed",
+        "created_at": created,
+        "updated_at": created,
+    }
     values.update(fields)
     session = Session.objects.create(**values)
     for position, (role, text) in enumerate(texts):
@@ -100,8 +107,15 @@ async def test_list_is_paginated_newest_first() -> None:
 
 async def test_list_items_carry_the_session_fields() -> None:
     session = await make_session(
-        status="failed", finish_reason="", error_code="LLM_TIMEOUT", error_message="stalled",
-        prompt_tokens=7, completion_tokens=3, usage_estimated=True, ttft_ms=12.5, tokens_per_second=40.0,
+        status="failed",
+        finish_reason="",
+        error_code="LLM_TIMEOUT",
+        error_message="stalled",
+        prompt_tokens=7,
+        completion_tokens=3,
+        usage_estimated=True,
+        ttft_ms=12.5,
+        tokens_per_second=40.0,
     )
     item = (await AsyncClient().get(SESSIONS)).json()["items"][0]
     assert item["id"] == str(session.id)
@@ -109,7 +123,12 @@ async def test_list_items_carry_the_session_fields() -> None:
     assert item["model"] == "fake-model"
     assert item["status"] == "failed"
     assert item["error"] == {"code": "LLM_TIMEOUT", "message": "stalled"}
-    assert item["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10, "estimated": True}
+    assert item["usage"] == {
+        "prompt_tokens": 7,
+        "completion_tokens": 3,
+        "total_tokens": 10,
+        "estimated": True,
+    }
     assert item["ttft_ms"] == 12.5 and item["tokens_per_second"] == 40.0
 
 
@@ -124,11 +143,15 @@ async def test_list_items_carry_the_session_fields() -> None:
         ({"status": "interrupted"}, set()),
     ],
 )
-async def test_list_filters_by_status_provider_and_model(query: dict[str, str], expected: set[str]) -> None:
+async def test_list_filters_by_status_provider_and_model(
+    query: dict[str, str], expected: set[str]
+) -> None:
     made = {
         "done-lm": await make_session(),
         "done-or": await make_session(provider="openrouter", model="openrouter/auto"),
-        "failed": await make_session(status="failed", model="other-model", error_code="LLM_BAD_GATEWAY"),
+        "failed": await make_session(
+            status="failed", model="other-model", error_code="LLM_BAD_GATEWAY"
+        ),
     }
     body = (await AsyncClient().get(SESSIONS, query)).json()
     assert {item["id"] for item in body["items"]} == {str(made[name].id) for name in expected}
@@ -136,7 +159,8 @@ async def test_list_filters_by_status_provider_and_model(query: dict[str, str], 
 
 
 @pytest.mark.parametrize(
-    "query", [{"status": "bogus"}, {"page": "0"}, {"page": "x"}, {"page_size": "0"}, {"page_size": "many"}]
+    "query",
+    [{"status": "bogus"}, {"page": "0"}, {"page": "x"}, {"page_size": "0"}, {"page_size": "many"}],
 )
 async def test_bad_list_parameters_are_invalid_requests(query: dict[str, str]) -> None:
     response = await AsyncClient().get(SESSIONS, query)
@@ -152,13 +176,25 @@ async def test_bad_list_parameters_are_invalid_requests(query: dict[str, str]) -
 async def test_detail_has_messages_in_order_timings_usage_and_error() -> None:
     created = timezone.now() - timedelta(seconds=5)
     session = await make_session(
-        status="failed", finish_reason="", error_code="LLM_BAD_GATEWAY", error_message="cut mid-stream",
-        prompt_tokens=9, completion_tokens=4, usage_estimated=True, created_at=created,
-        first_token_at=created + timedelta(milliseconds=250), finished_at=created + timedelta(seconds=1),
-        ttft_ms=250.0, tokens_per_second=5.3,
+        status="failed",
+        finish_reason="",
+        error_code="LLM_BAD_GATEWAY",
+        error_message="cut mid-stream",
+        prompt_tokens=9,
+        completion_tokens=4,
+        usage_estimated=True,
+        created_at=created,
+        first_token_at=created + timedelta(milliseconds=250),
+        finished_at=created + timedelta(seconds=1),
+        ttft_ms=250.0,
+        tokens_per_second=5.3,
     )
     # Stored out of order: the API returns them by position.
-    for position, role, text in [(2, "assistant", "partial rep"), (0, "system", "Be brief."), (1, "user", "Hi")]:
+    for position, role, text in [
+        (2, "assistant", "partial rep"),
+        (0, "system", "Be brief."),
+        (1, "user", "Hi"),
+    ]:
         await Message.objects.acreate(session=session, position=position, role=role, content=text)
 
     response = await AsyncClient().get(f"{SESSIONS}/{session.id}")
@@ -168,19 +204,28 @@ async def test_detail_has_messages_in_order_timings_usage_and_error() -> None:
     assert body["status"] == "failed"
     assert body["finish_reason"] is None
     assert body["error"] == {"code": "LLM_BAD_GATEWAY", "message": "cut mid-stream"}
-    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13, "estimated": True}
+    assert body["usage"] == {
+        "prompt_tokens": 9,
+        "completion_tokens": 4,
+        "total_tokens": 13,
+        "estimated": True,
+    }
     assert body["ttft_ms"] == 250.0 and body["tokens_per_second"] == 5.3
     for key in ("created_at", "first_token_at", "finished_at"):
         assert body[key], key
     assert body["created_at"] < body["first_token_at"] < body["finished_at"]  # ISO 8601, same zone
     assert [(m["position"], m["role"], m["content"]) for m in body["messages"]] == [
-        (0, "system", "Be brief."), (1, "user", "Hi"), (2, "assistant", "partial rep"),
+        (0, "system", "Be brief."),
+        (1, "user", "Hi"),
+        (2, "assistant", "partial rep"),
     ]
     assert all(m["created_at"] for m in body["messages"])
 
 
 async def test_detail_of_a_completed_session_has_no_error() -> None:
-    session = await make_session(finish_reason="stop", texts=(("user", "Hi"), ("assistant", "Hello!")))
+    session = await make_session(
+        finish_reason="stop", texts=(("user", "Hi"), ("assistant", "Hello!"))
+    )
     body = (await AsyncClient().get(f"{SESSIONS}/{session.id}")).json()
     assert body["error"] is None
     assert body["finish_reason"] == "stop"
@@ -197,7 +242,10 @@ async def test_generated_session_reads_back_through_the_api(upstream: Any) -> No
     assert body["model"] == "fake-model"
     assert body["usage"] == generated["usage"]
     assert body["ttft_ms"] > 0
-    assert [(m["role"], m["content"]) for m in body["messages"]] == [("user", "Hello"), ("assistant", "Hi there")]
+    assert [(m["role"], m["content"]) for m in body["messages"]] == [
+        ("user", "Hello"),
+        ("assistant", "Hi there"),
+    ]
 
 
 async def test_unknown_session_is_404_session_not_found() -> None:
@@ -237,7 +285,9 @@ def token_set(settings: Any) -> str:
     return TOKEN
 
 
-async def _protected_requests(client: AsyncClient, session_id: str, headers: dict[str, str]) -> list[Any]:
+async def _protected_requests(
+    client: AsyncClient, session_id: str, headers: dict[str, str]
+) -> list[Any]:
     return [
         await client.get(SESSIONS, headers=headers),
         await client.get(f"{SESSIONS}/{session_id}", headers=headers),
@@ -247,8 +297,13 @@ async def _protected_requests(client: AsyncClient, session_id: str, headers: dic
 
 @pytest.mark.parametrize(
     "headers",
-    [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "secret"}, {"Authorization": "Basic secret"},
-     {"Authorization": "Bearer "}],
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": "secret"},
+        {"Authorization": "Basic secret"},
+        {"Authorization": "Bearer "},
+    ],
     ids=["none", "wrong", "no-scheme", "basic", "empty"],
 )
 async def test_without_the_token_protected_endpoints_are_401(
@@ -262,14 +317,18 @@ async def test_without_the_token_protected_endpoints_are_401(
     assert upstream.chat_requests == []  # nothing was generated
 
 
-async def test_with_the_bearer_token_protected_endpoints_answer(token_set: str, upstream: Any) -> None:
+async def test_with_the_bearer_token_protected_endpoints_answer(
+    token_set: str, upstream: Any
+) -> None:
     session = await make_session()
     responses = await _protected_requests(AsyncClient(), str(session.id), BEARER)
     assert [r.status_code for r in responses] == [200, 200, 200], [r.content for r in responses]
     assert responses[2].json()["content"] == "Hello, world!"
 
 
-async def test_a_logged_in_staff_user_passes_without_the_token(token_set: str, upstream: Any) -> None:
+async def test_a_logged_in_staff_user_passes_without_the_token(
+    token_set: str, upstream: Any
+) -> None:
     session = await make_session()
     client = AsyncClient()
     await client.aforce_login(await make_user("staffer", staff=True))
@@ -277,7 +336,9 @@ async def test_a_logged_in_staff_user_passes_without_the_token(token_set: str, u
     assert [r.status_code for r in responses] == [200, 200, 200], [r.content for r in responses]
 
 
-async def test_a_staff_cookie_needs_the_csrf_token_to_generate(token_set: str, upstream: Any) -> None:
+async def test_a_staff_cookie_needs_the_csrf_token_to_generate(
+    token_set: str, upstream: Any
+) -> None:
     """Another site's page can make the browser POST with the staff cookie, never with the token."""
     client = AsyncClient(enforce_csrf_checks=True)
     await client.aforce_login(await make_user("staffer", staff=True))
@@ -290,14 +351,19 @@ async def test_a_staff_cookie_needs_the_csrf_token_to_generate(token_set: str, u
     page = await client.get("/admin/")  # any page of the site hands the browser its CSRF cookie
     assert page.status_code == 200
     token = client.cookies["csrftoken"].value
-    allowed = await client.post("/api/v1/llm/generate", body, content_type="application/json",
-                                headers={"X-CSRFToken": token})
+    allowed = await client.post(
+        "/api/v1/llm/generate",
+        body,
+        content_type="application/json",
+        headers={"X-CSRFToken": token},
+    )
     assert allowed.status_code == 200, allowed.content
     listed = await client.get("/api/v1/sessions")  # reading needs no CSRF token
     assert listed.status_code == 200
 
-    broken = await client.post("/api/v1/llm/generate", b"--x\r\nnonsense",
-                               content_type="multipart/form-data; boundary=")  # unreadable: no token
+    broken = await client.post(
+        "/api/v1/llm/generate", b"--x\r\nnonsense", content_type="multipart/form-data; boundary="
+    )  # unreadable: no token
     assert broken.status_code == 401 and error_of(broken)["code"] == "UNAUTHORIZED"
 
 
@@ -316,7 +382,9 @@ async def test_without_api_token_the_api_is_open(upstream: Any) -> None:
     assert [r.status_code for r in responses] == [200, 200, 200]
 
 
-@pytest.mark.parametrize("path", ["/api/v1/health", "/api/v1/llm/status", "/api/v1/docs", "/api/v1/openapi.json", "/"])
+@pytest.mark.parametrize(
+    "path", ["/api/v1/health", "/api/v1/llm/status", "/api/v1/docs", "/api/v1/openapi.json", "/"]
+)
 async def test_health_status_docs_and_root_stay_open_with_the_token_set(
     token_set: str, upstream: Any, path: str
 ) -> None:
@@ -348,7 +416,9 @@ async def test_third_generate_in_a_minute_is_rate_limited(settings: Any, upstrea
     assert 1 <= retry_after <= 61
     assert len(upstream.chat_requests) == 2  # the refused one never reached the upstream
     # Streaming requests are counted and refused the same way.
-    streamed = await client.post(GENERATE, {**HELLO, "stream": True}, content_type="application/json")
+    streamed = await client.post(
+        GENERATE, {**HELLO, "stream": True}, content_type="application/json"
+    )
     assert streamed.status_code == 429
     assert error_of(streamed)["code"] == "RATE_LIMITED"
 
@@ -367,7 +437,9 @@ async def test_rate_limit_off_lets_every_request_through(settings: Any, upstream
     settings.LLM_RATE_LIMIT = "off"
     client = AsyncClient()
     for _ in range(4):
-        assert (await client.post(GENERATE, HELLO, content_type="application/json")).status_code == 200
+        assert (
+            await client.post(GENERATE, HELLO, content_type="application/json")
+        ).status_code == 200
 
 
 async def test_rate_limit_does_not_apply_to_reading_sessions(settings: Any) -> None:

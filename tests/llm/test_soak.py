@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+import django.core.handlers.asgi
 import pytest
 from asgiref.sync import sync_to_async
 from asgiref.testing import ApplicationCommunicator
 from channels.testing import WebsocketCommunicator
-import django.core.handlers.asgi
 from django.conf import settings
 from django.db import connection, connections
 
@@ -55,7 +55,21 @@ HTTP_STATUS = {"LLM_TIMEOUT": 503, "LLM_UNAVAILABLE": 503, "LLM_BAD_GATEWAY": 50
 MODEL = "soak-model"
 
 # Token texts: multi-byte, JSON-hostile, whitespace; each token also carries its index.
-VOCAB = [" the", " sea", " é", " 日本", " 🙂", ' "q"', " \\", "\n", "\t", " <b>", " &amp;", " ", "x"]
+VOCAB = [
+    " the",
+    " sea",
+    " é",
+    " 日本",
+    " 🙂",
+    ' "q"',
+    " \\",
+    "\n",
+    "\t",
+    " <b>",
+    " &amp;",
+    " ",
+    "x",
+]
 
 
 # The upstream ---------------------------------------------------------------------------------
@@ -63,10 +77,19 @@ VOCAB = [" the", " sea", " é", " 日本", " 🙂", ' "q"', " \\", "\n", "\t", "
 # kind -> weight. Stalls/cuts/errors happen before the first token too (`*0`), where a retryable
 # one (stall, 429, 5xx) is retried and a bad gateway is not.
 UPSTREAM_KINDS = {
-    "normal": 34, "length": 5, "no-finish": 3,
-    "stall": 7, "stall0": 3, "stall-keepalive": 3,
-    "cut": 7, "cut0": 2, "error": 7, "error0": 2, "invalid": 3,
-    "429": 10, "5xx": 14,
+    "normal": 34,
+    "length": 5,
+    "no-finish": 3,
+    "stall": 7,
+    "stall0": 3,
+    "stall-keepalive": 3,
+    "cut": 7,
+    "cut0": 2,
+    "error": 7,
+    "error0": 2,
+    "invalid": 3,
+    "429": 10,
+    "5xx": 14,
 }
 
 
@@ -79,8 +102,14 @@ class Attempt:
     def sent(self) -> str:
         """The text the upstream sends before it ends, fails or stalls."""
         r = self.reply
-        stop = next((n for n in (r.stall_after, r.cut_after, r.error_after, r.invalid_after) if n is not None),
-                    len(r.tokens))
+        stop = next(
+            (
+                n
+                for n in (r.stall_after, r.cut_after, r.error_after, r.invalid_after)
+                if n is not None
+            ),
+            len(r.tokens),
+        )
         return "".join(r.tokens[:stop]) if r.status == 200 else ""
 
     @property
@@ -110,7 +139,9 @@ def pick_reply(rng: random.Random) -> Attempt:
     kind = rng.choices(list(UPSTREAM_KINDS), weights=list(UPSTREAM_KINDS.values()))[0]
     count = rng.randint(3, 40)
     tokens = [f"{rng.choice(VOCAB)}{i}" for i in range(count)]
-    reply = Reply(tokens=tokens, delay=rng.uniform(0.005, 0.04), ttft=rng.uniform(0, 0.15), model=MODEL)
+    reply = Reply(
+        tokens=tokens, delay=rng.uniform(0.005, 0.04), ttft=rng.uniform(0, 0.15), model=MODEL
+    )
     at = rng.randrange(1, count)
     if rng.random() < 0.3:
         reply.usage = {"prompt_tokens": 7, "completion_tokens": count, "total_tokens": 7 + count}
@@ -154,7 +185,9 @@ class ChaosUpstream(FakeUpstream):
         self.seed = seed
         self.attempts: dict[str, list[Attempt]] = defaultdict(list)
 
-    async def _answer(self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _answer(
+        self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
         if request.path.endswith("/chat/completions") and isinstance(request.body, dict):
             key = request.body["messages"][-1]["content"]
             tries = self.attempts[key]
@@ -202,9 +235,17 @@ BEHAVIOURS = WS_BEHAVIOURS | HTTP_BEHAVIOURS
 
 def http_scope() -> dict[str, Any]:
     return {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/api/v1/llm/generate", "raw_path": b"/api/v1/llm/generate",
-        "root_path": "", "query_string": b"", "server": ("testserver", 80), "client": ("127.0.0.1", 1234),
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/v1/llm/generate",
+        "raw_path": b"/api/v1/llm/generate",
+        "root_path": "",
+        "query_string": b"",
+        "server": ("testserver", 80),
+        "client": ("127.0.0.1", 1234),
         "headers": [(b"content-type", b"application/json"), (b"host", b"testserver")],
     }
 
@@ -243,7 +284,11 @@ class Client:
             while time.monotonic() < self.deadline:
                 rng = random.Random(f"{SEED}:client:{self.number}:{turn}")
                 behaviour = rng.choices(list(BEHAVIOURS), weights=list(BEHAVIOURS.values()))[0]
-                outcome = Outcome(f"soak {self.number}-{turn} {rng.choice(VOCAB)}", behaviour.split("-")[0], behaviour)
+                outcome = Outcome(
+                    f"soak {self.number}-{turn} {rng.choice(VOCAB)}",
+                    behaviour.split("-")[0],
+                    behaviour,
+                )
                 self.outcomes.append(outcome)
                 try:
                     async with asyncio.timeout(20):
@@ -280,7 +325,9 @@ class Client:
             assert connected, code
         comm = self.socket
         leave_after = rng.randint(-1, 15)  # tokens read before cancelling / closing (-1: at once)
-        await comm.send_json_to({"type": "generate", "messages": [{"role": "user", "content": outcome.key}]})
+        await comm.send_json_to(
+            {"type": "generate", "messages": [{"role": "user", "content": outcome.key}]}
+        )
         tokens = 0
         while True:
             if outcome.behaviour in ("ws-cancel", "ws-close") and due(leave_after, outcome, tokens):
@@ -307,7 +354,9 @@ class Client:
         leave_after = rng.randint(-1, 15) if outcome.behaviour == "sse-leave" else None
         body = {"messages": [{"role": "user", "content": outcome.key}], "stream": True}
         comm = ApplicationCommunicator(self.app, http_scope())
-        await comm.send_input({"type": "http.request", "body": json.dumps(body).encode(), "more_body": False})
+        await comm.send_input(
+            {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        )
         buffer = b""
         tokens = 0
         try:
@@ -344,7 +393,9 @@ class Client:
     async def over_json(self, outcome: Outcome) -> None:
         body = {"messages": [{"role": "user", "content": outcome.key}]}
         comm = ApplicationCommunicator(self.app, http_scope())
-        await comm.send_input({"type": "http.request", "body": json.dumps(body).encode(), "more_body": False})
+        await comm.send_input(
+            {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
+        )
         start = await comm.receive_output(timeout=15)
         outcome.http_status = start["status"]
         content = b""
@@ -367,14 +418,18 @@ class Client:
 STATUS_OF_FINISH = {"stop": "completed", "length": "completed", "cancelled": "cancelled"}
 
 
-def check(outcome: Outcome, stored: tuple[Session, str] | None, attempts: list[Attempt], lagged: bool) -> list[str]:
+def check(
+    outcome: Outcome, stored: tuple[Session, str] | None, attempts: list[Attempt], lagged: bool
+) -> list[str]:
     """What is wrong with this session, as stored and as its client saw it."""
     problems = list(outcome.problems)
     end = outcome.end
     if stored is None:
         # Only a client that left before its generation began may leave no session behind.
         if outcome.sent or not outcome.left:
-            problems.append(f"no session stored; the client was sent {outcome.sent[:2]}...{outcome.sent[-1:]}")
+            problems.append(
+                f"no session stored; the client was sent {outcome.sent[:2]}...{outcome.sent[-1:]}"
+            )
         return problems
     session, text = stored
     if outcome.session_id is not None and str(session.pk) != outcome.session_id:
@@ -425,21 +480,29 @@ def check_end(end: dict[str, Any], session: Session) -> list[str]:
     if end["type"] == "done":
         expected = STATUS_OF_FINISH.get(end["finish_reason"])
         if (session.status, session.finish_reason) != (expected, end["finish_reason"]):
-            problems.append(f"done {end['finish_reason']} stored as {session.status}/{session.finish_reason!r}")
+            problems.append(
+                f"done {end['finish_reason']} stored as {session.status}/{session.finish_reason!r}"
+            )
         if session.error_code:
             problems.append(f"done but stored error {session.error_code}")
         usage = end.get("usage") or {}
         if usage.get("completion_tokens") != session.completion_tokens:
-            problems.append(f"usage {usage} but stored {session.completion_tokens} completion tokens")
+            problems.append(
+                f"usage {usage} but stored {session.completion_tokens} completion tokens"
+            )
     else:
         if end["code"] not in END_CODES:
             problems.append(f"unexpected error {end}")
         if "Traceback" in end.get("message", ""):
             problems.append("a traceback in an error frame")
         if (session.status, session.error_code) != ("failed", end["code"]):
-            problems.append(f"error {end['code']} stored as {session.status}/{session.error_code!r}")
+            problems.append(
+                f"error {end['code']} stored as {session.status}/{session.error_code!r}"
+            )
         if session.error_message != end.get("message"):
-            problems.append(f"error message {end.get('message')!r} stored as {session.error_message!r}")
+            problems.append(
+                f"error message {end.get('message')!r} stored as {session.error_message!r}"
+            )
     return problems
 
 
@@ -463,7 +526,11 @@ def check_upstream(
 ) -> list[str]:
     """For clients that let the generation run: the end and the text the upstream called for."""
     if not attempts:
-        return [] if outcome.left or outcome.behaviour == "ws-cancelled" else ["the upstream was never asked"]
+        return (
+            []
+            if outcome.left or outcome.behaviour == "ws-cancelled"
+            else ["the upstream was never asked"]
+        )
     problems = []
     for earlier in attempts[:-1]:
         if not earlier.may_be_retried:
@@ -472,7 +539,9 @@ def check_upstream(
         problems.append(f"{len(attempts)} attempts")
     last = attempts[-1]
     if not last.sent.startswith(text):
-        problems.append(f"stored {text!r} is not what the upstream sent ({last.kind}): {last.sent!r}")
+        problems.append(
+            f"stored {text!r} is not what the upstream sent ({last.kind}): {last.sent!r}"
+        )
     if outcome.behaviour in ("ws-read", "sse-read") and end is not None:
         if last.retryable_before_text and len(attempts) <= MAX_RETRIES:
             problems.append(f"{last.kind} before any text was not retried")
@@ -485,7 +554,9 @@ def check_upstream(
     return problems
 
 
-def check_json(outcome: Outcome, session: Session, text: str, attempts: list[Attempt], lagged: bool) -> list[str]:
+def check_json(
+    outcome: Outcome, session: Session, text: str, attempts: list[Attempt], lagged: bool
+) -> list[str]:
     problems = []
     body = outcome.json_body or {}
     last = attempts[-1] if attempts else None
@@ -494,7 +565,9 @@ def check_json(outcome: Outcome, session: Session, text: str, attempts: list[Att
             problems.append(f"stored {text!r}, returned {body.get('content')!r}")
         finish = body.get("finish_reason")
         if (session.status, session.finish_reason) != (STATUS_OF_FINISH.get(finish), finish):
-            problems.append(f"returned {finish} but stored {session.status}/{session.finish_reason!r}")
+            problems.append(
+                f"returned {finish} but stored {session.status}/{session.finish_reason!r}"
+            )
         expected: tuple[str, str] = ("done", finish)
     else:
         code = body.get("error", {}).get("code")
@@ -504,11 +577,21 @@ def check_json(outcome: Outcome, session: Session, text: str, attempts: list[Att
             problems.append(f"error {code} stored as {session.status}/{session.error_code!r}")
         expected = ("error", code)
     if last is not None:
-        if last.expected_end() != expected and not explained(last.expected_end(), expected, last, lagged):
-            problems.append(f"upstream {last.kind} ended {expected}, expected {last.expected_end()}")
+        if last.expected_end() != expected and not explained(
+            last.expected_end(), expected, last, lagged
+        ):
+            problems.append(
+                f"upstream {last.kind} ended {expected}, expected {last.expected_end()}"
+            )
         if not last.sent.startswith(text):
-            problems.append(f"stored {text!r} is not what the upstream sent ({last.kind}): {last.sent!r}")
-        elif text != last.sent and last.expected_end() == expected and not cut_short(expected, lagged):
+            problems.append(
+                f"stored {text!r} is not what the upstream sent ({last.kind}): {last.sent!r}"
+            )
+        elif (
+            text != last.sent
+            and last.expected_end() == expected
+            and not cut_short(expected, lagged)
+        ):
             problems.append(f"upstream {last.kind} sent {last.sent!r}, the relay kept {text!r}")
     return problems
 
@@ -527,7 +610,9 @@ def _tcp_table() -> dict[str, str]:
         for line in lines:
             parts = line.split()
             local, remote, inode = parts[1], parts[2], parts[9]
-            table[inode] = f"{int(local.rsplit(':', 1)[1], 16)}->{int(remote.rsplit(':', 1)[1], 16)}"
+            table[inode] = (
+                f"{int(local.rsplit(':', 1)[1], 16)}->{int(remote.rsplit(':', 1)[1], 16)}"
+            )
     return table
 
 
@@ -568,7 +653,11 @@ def open_sockets() -> dict[str, str]:
 
 
 def live_tasks(exclude: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
-    return [t for t in asyncio.all_tasks() if not t.done() and t not in exclude and t is not asyncio.current_task()]
+    return [
+        t
+        for t in asyncio.all_tasks()
+        if not t.done() and t not in exclude and t is not asyncio.current_task()
+    ]
 
 
 async def settle(condition: Callable[[], Any], timeout: float = SETTLE) -> Any:
@@ -610,18 +699,25 @@ class LoopLag:
 
 
 @pytest.fixture
-async def chaos(llm_config: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[ChaosUpstream]:
+async def chaos(
+    llm_config: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[ChaosUpstream]:
     if connection.vendor == "sqlite" and connection.is_in_memory_db():
         # Django runs each HTTP request's sync code in a thread of its own; on the suite's
         # in-memory SQLite (shared cache, table locks, no busy timeout) concurrent writers from
         # those threads fail with "database table is locked", which a file database (WAL, busy
         # timeout: what production uses) or PostgreSQL never does. Here HTTP requests use the
         # one database thread WebSocket consumers use; the relay's own code is unchanged.
-        monkeypatch.setattr(django.core.handlers.asgi, "ThreadSensitiveContext", contextlib.nullcontext)
+        monkeypatch.setattr(
+            django.core.handlers.asgi, "ThreadSensitiveContext", contextlib.nullcontext
+        )
     fake = ChaosUpstream(SEED)
     url = await fake.start()
     llm_config(
-        retry_delay=0, max_retries=MAX_RETRIES, idle_timeout=IDLE_TIMEOUT, max_connections=400,
+        retry_delay=0,
+        max_retries=MAX_RETRIES,
+        idle_timeout=IDLE_TIMEOUT,
+        max_connections=400,
         lm_studio={"base_url": url, "default_model": MODEL},
     )
     yield fake
@@ -636,9 +732,9 @@ def stored_sessions() -> dict[str, tuple[Session, str]]:
     by_id = {str(s.pk): s for s in Session.objects.all()}
     first: dict[str, str] = {}
     replies: dict[str, str] = {}
-    for sid, position, role, content in Message.objects.order_by("session_id", "position").values_list(
-        "session_id", "position", "role", "content"
-    ):
+    for sid, position, role, content in Message.objects.order_by(
+        "session_id", "position"
+    ).values_list("session_id", "position", "role", "content"):
         sid = str(sid)
         if position == 0:
             first[sid] = content
@@ -647,7 +743,9 @@ def stored_sessions() -> dict[str, tuple[Session, str]]:
     return {key: (by_id[sid], replies.get(sid, "")) for sid, key in first.items()}
 
 
-async def test_fault_soak_200_concurrent_sessions(chaos: ChaosUpstream, caplog: pytest.LogCaptureFixture) -> None:
+async def test_fault_soak_200_concurrent_sessions(
+    chaos: ChaosUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
     from negotiator.asgi import application
 
     # Thousands of expected failures: not their INFO lines, nor Django's for each 502/503.
@@ -658,7 +756,9 @@ async def test_fault_soak_200_concurrent_sessions(chaos: ChaosUpstream, caplog: 
     # then take the baseline.
     warm = WebsocketCommunicator(application, PATH, headers=LOCALHOST)
     assert (await warm.connect(timeout=10))[0]
-    await warm.send_json_to({"type": "generate", "messages": [{"role": "user", "content": "warm-up"}]})
+    await warm.send_json_to(
+        {"type": "generate", "messages": [{"role": "user", "content": "warm-up"}]}
+    )
     while parse(await warm.receive_from(timeout=10))["type"] not in ("done", "error"):
         pass
     await warm.disconnect(timeout=10)
@@ -689,32 +789,45 @@ async def test_fault_soak_200_concurrent_sessions(chaos: ChaosUpstream, caplog: 
         await asyncio.sleep(0.05)
     left_streaming = await streaming()
 
-    leftover_tasks = await settle(lambda: [t for t in live_tasks(baseline_tasks) if t not in chaos._tasks])
+    leftover_tasks = await settle(
+        lambda: [t for t in live_tasks(baseline_tasks) if t not in chaos._tasks]
+    )
     pool = get_provider("lm_studio").client._transport._pool  # type: ignore[attr-defined]
-    busy = await settle(lambda: [repr(c) for c in pool.connections if not (c.is_idle() or c.is_closed())])
+    busy = await settle(
+        lambda: [repr(c) for c in pool.connections if not (c.is_idle() or c.is_closed())]
+    )
     new_sockets = {i: d for i, d in open_sockets().items() if i not in baseline_sockets}
     upstream_port = int(chaos.base_url.rsplit(":", 1)[1].split("/")[0])
     # The pool may keep idle keep-alive connections to the upstream (client and server ends).
-    foreign = {i: d for i, d in new_sockets.items() if str(upstream_port) not in d.split()[-1].split("->")}
+    foreign = {
+        i: d for i, d in new_sockets.items() if str(upstream_port) not in d.split()[-1].split("->")
+    }
     keepalive_limit = settings.LLM["DEFAULTS"]["max_keepalive"]
 
     await providers.aclose()  # closes the idle keep-alive connections
-    after_close = await settle(lambda: {i: d for i, d in open_sockets().items() if i not in baseline_sockets})
+    after_close = await settle(
+        lambda: {i: d for i, d in open_sockets().items() if i not in baseline_sockets}
+    )
     tasks_after_close = await settle(lambda: live_tasks(baseline_tasks))
     final_sockets = open_sockets()
 
     stored = await stored_sessions()
     problems: dict[str, list[str]] = {}
     for outcome in outcomes:
-        found = check(outcome, stored.get(outcome.key), chaos.attempts.get(outcome.key, []), lag.over > 0)
+        found = check(
+            outcome, stored.get(outcome.key), chaos.attempts.get(outcome.key, []), lag.over > 0
+        )
         if found:
             problems[f"{outcome.key} ({outcome.behaviour})"] = found
     unknown = set(stored) - {o.key for o in outcomes} - {"warm-up"}
 
     statuses = Counter(s.status for s, _ in stored.values())
     ends = Counter(
-        (o.end or {}).get("finish_reason") or (o.end or {}).get("code") or ("left" if o.left else "?")
-        for o in outcomes if o.face != "json"
+        (o.end or {}).get("finish_reason")
+        or (o.end or {}).get("code")
+        or ("left" if o.left else "?")
+        for o in outcomes
+        if o.face != "json"
     )
     kinds = Counter(a.kind for tries in chaos.attempts.values() for a in tries)
     summary = (
@@ -734,21 +847,34 @@ async def test_fault_soak_200_concurrent_sessions(chaos: ChaosUpstream, caplog: 
 
     leaks = []
     if leftover_tasks:
-        leaks.append(f"{len(leftover_tasks)} tasks left running: " + "; ".join(repr(t) for t in leftover_tasks[:5]))
+        leaks.append(
+            f"{len(leftover_tasks)} tasks left running: "
+            + "; ".join(repr(t) for t in leftover_tasks[:5])
+        )
     if busy:
-        leaks.append(f"{len(busy)} upstream connections neither idle nor closed in the pool, with no request "
-                     f"running (each holds a socket and one of LLM_MAX_CONNECTIONS for good): {busy[:5]}")
+        leaks.append(
+            f"{len(busy)} upstream connections neither idle nor closed in the pool, with no request "
+            f"running (each holds a socket and one of LLM_MAX_CONNECTIONS for good): {busy[:5]}"
+        )
     if foreign:
         leaks.append(f"sockets left open besides the upstream pool: {sorted(foreign.values())}")
     if len(new_sockets) > 2 * keepalive_limit:
-        leaks.append(f"{len(new_sockets)} sockets to or from the upstream, more than the keep-alive pool's "
-                     f"{keepalive_limit} connections (both ends)")
+        leaks.append(
+            f"{len(new_sockets)} sockets to or from the upstream, more than the keep-alive pool's "
+            f"{keepalive_limit} connections (both ends)"
+        )
     if after_close:
-        leaks.append(f"sockets above the baseline once the pool closed: {sorted(after_close.values())}")
+        leaks.append(
+            f"sockets above the baseline once the pool closed: {sorted(after_close.values())}"
+        )
     if tasks_after_close:
-        leaks.append("tasks left once the pool closed: " + "; ".join(repr(t) for t in tasks_after_close[:5]))
+        leaks.append(
+            "tasks left once the pool closed: " + "; ".join(repr(t) for t in tasks_after_close[:5])
+        )
     if len(final_sockets) != len(baseline_sockets):
-        leaks.append(f"{len(final_sockets)} sockets at the end, {len(baseline_sockets)} at the start")
+        leaks.append(
+            f"{len(final_sockets)} sockets at the end, {len(baseline_sockets)} at the start"
+        )
     assert not leaks, "\n".join(leaks)
 
 
@@ -779,7 +905,14 @@ async def test_text_that_arrives_with_an_in_stream_error_is_kept(
     """Tokens the upstream sent before its error chunk reach the client and the stored session
     even when they arrive in the same network read as the error (the contract: a stream that
     ends by any fault keeps its partial text)."""
-    from tests.llm.ws_client import generate, open_socket, until_end, wait_for_status, reply_text, text_of
+    from tests.llm.ws_client import (
+        generate,
+        open_socket,
+        reply_text,
+        text_of,
+        until_end,
+        wait_for_status,
+    )
 
     fake = OneChunkUpstream(Reply(tokens=["Hel", "lo", " there"], **{fault: 2}))
     url = await fake.start()
@@ -811,8 +944,11 @@ async def test_clients_that_leave_early_do_not_use_up_the_upstream_pool(
 
     fake = FakeUpstream(Reply(tokens=[" t"] * 5, delay=0.001))
     url = await fake.start()
-    llm_config(max_retries=0, max_connections=4,
-               lm_studio={"base_url": url, "default_model": MODEL, "read_timeout": 1})
+    llm_config(
+        max_retries=0,
+        max_connections=4,
+        lm_studio={"base_url": url, "default_model": MODEL, "read_timeout": 1},
+    )
     rng = random.Random(SEED)
 
     async def consume(generation: Generation) -> list[Any]:
@@ -820,7 +956,9 @@ async def test_clients_that_leave_early_do_not_use_up_the_upstream_pool(
 
     try:
         for _ in range(200):
-            task = asyncio.create_task(consume(Generation(ChatRequest(messages=[{"role": "user", "content": "x"}]))))
+            task = asyncio.create_task(
+                consume(Generation(ChatRequest(messages=[{"role": "user", "content": "x"}])))
+            )
             await asyncio.sleep(rng.uniform(0, 0.004))  # the client leaves while the request starts
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -828,9 +966,13 @@ async def test_clients_that_leave_early_do_not_use_up_the_upstream_pool(
         pool = get_provider("lm_studio").client._transport._pool  # type: ignore[attr-defined]
         stuck = [repr(c) for c in pool.connections if not (c.is_idle() or c.is_closed())]
 
-        events = await consume(Generation(ChatRequest(messages=[{"role": "user", "content": "still there?"}])))
+        events = await consume(
+            Generation(ChatRequest(messages=[{"role": "user", "content": "still there?"}]))
+        )
         end = events[-1].frame()
-        assert end["type"] == "done", f"a later request failed: {end}; connections stuck in the pool: {stuck}"
+        assert end["type"] == "done", (
+            f"a later request failed: {end}; connections stuck in the pool: {stuck}"
+        )
         assert not stuck, f"connections stuck in the pool with no request: {stuck}"
     finally:
         await providers.aclose()

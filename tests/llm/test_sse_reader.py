@@ -32,8 +32,18 @@ def ours(stream: bytes, cuts: list[int]) -> list[str]:
 
 FIELDS = [
     b'data: {"choices": [{"delta": {"content": "Hi \xc3\xa9\xe2\x82\xac"}}]}',
-    b"data: [DONE]", b": OPENROUTER PROCESSING", b":", b"event: ping", b"id: 7", b"retry: 100",
-    b"data:no-space", b"data:  two spaces", b"data", b"data: multi", b"data: line", b"unknown: x",
+    b"data: [DONE]",
+    b": OPENROUTER PROCESSING",
+    b":",
+    b"event: ping",
+    b"id: 7",
+    b"retry: 100",
+    b"data:no-space",
+    b"data:  two spaces",
+    b"data",
+    b"data: multi",
+    b"data: line",
+    b"unknown: x",
 ]
 
 

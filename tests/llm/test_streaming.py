@@ -33,7 +33,15 @@ def data(payload: Any) -> str:
 def delta(content: Any = None, *, finish_reason: str | None = None, **extra: Any) -> str:
     choice: dict[str, Any] = {"index": 0, "delta": {} if content is None else {"content": content}}
     choice["finish_reason"] = finish_reason
-    return data({"id": "gen-1", "object": "chat.completion.chunk", "model": "m-1", "choices": [choice], **extra})
+    return data(
+        {
+            "id": "gen-1",
+            "object": "chat.completion.chunk",
+            "model": "m-1",
+            "choices": [choice],
+            **extra,
+        }
+    )
 
 
 # parse_chunk -------------------------------------------------------------------------------------
@@ -49,7 +57,9 @@ def test_parse_chunk_keeps_whitespace_and_unicode_exactly() -> None:
 
 
 def test_parse_chunk_role_only_delta_has_empty_text() -> None:
-    chunk = parse_chunk(data({"model": "m", "choices": [{"delta": {"role": "assistant"}, "finish_reason": None}]}))
+    chunk = parse_chunk(
+        data({"model": "m", "choices": [{"delta": {"role": "assistant"}, "finish_reason": None}]})
+    )
     assert chunk is not None
     assert chunk.text == ""
     assert chunk.finish_reason is None
@@ -74,7 +84,9 @@ def test_parse_chunk_finish_reason_length() -> None:
 
 
 def test_parse_chunk_reports_upstream_model() -> None:
-    chunk = parse_chunk(data({"model": "smollm2-135m-instruct", "choices": [{"delta": {"content": "x"}}]}))
+    chunk = parse_chunk(
+        data({"model": "smollm2-135m-instruct", "choices": [{"delta": {"content": "x"}}]})
+    )
     assert chunk is not None and chunk.model == "smollm2-135m-instruct"
 
 
@@ -85,7 +97,13 @@ def test_parse_chunk_without_model_has_none() -> None:
 
 def test_parse_chunk_usage_chunk_with_empty_choices() -> None:
     chunk = parse_chunk(
-        data({"model": "m", "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}})
+        data(
+            {
+                "model": "m",
+                "choices": [],
+                "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12},
+            }
+        )
     )
     assert chunk is not None
     assert chunk.text == ""
@@ -94,7 +112,9 @@ def test_parse_chunk_usage_chunk_with_empty_choices() -> None:
 
 
 def test_parse_chunk_usage_together_with_finish_reason() -> None:
-    chunk = parse_chunk(delta(None, finish_reason="stop", usage={"prompt_tokens": 1, "completion_tokens": 2}))
+    chunk = parse_chunk(
+        delta(None, finish_reason="stop", usage={"prompt_tokens": 1, "completion_tokens": 2})
+    )
     assert chunk is not None
     assert chunk.finish_reason == "stop"
     assert chunk.usage == Usage(1, 2, 3, estimated=False)
@@ -104,7 +124,9 @@ def test_parse_chunk_done_is_none() -> None:
     assert parse_chunk("[DONE]") is None
 
 
-@pytest.mark.parametrize("payload", ['{"choices": [', "not json", "", "{'single': 'quotes'}", "data: {}"])
+@pytest.mark.parametrize(
+    "payload", ['{"choices": [', "not json", "", "{'single': 'quotes'}", "data: {}"]
+)
 def test_parse_chunk_invalid_json_is_bad_gateway(payload: str) -> None:
     with pytest.raises(BadGateway) as info:
         parse_chunk(payload, provider="lm_studio")
@@ -152,7 +174,9 @@ def test_parse_chunk_top_level_error_after_some_fields() -> None:
 
 
 def test_parse_chunk_choice_error_carries_upstream_message() -> None:
-    payload = data({"choices": [{"index": 0, "delta": {}, "error": {"message": "content filter tripped"}}]})
+    payload = data(
+        {"choices": [{"index": 0, "delta": {}, "error": {"message": "content filter tripped"}}]}
+    )
     with pytest.raises(BadGateway) as info:
         parse_chunk(payload)
     assert info.value.code == "LLM_BAD_GATEWAY"
@@ -167,7 +191,15 @@ def test_parse_chunk_finish_reason_error_is_bad_gateway() -> None:
 
 def test_parse_chunk_finish_reason_error_with_message_carries_it() -> None:
     payload = data(
-        {"choices": [{"delta": {}, "finish_reason": "error", "error": {"code": 500, "message": "rate limited by provider"}}]}
+        {
+            "choices": [
+                {
+                    "delta": {},
+                    "finish_reason": "error",
+                    "error": {"code": 500, "message": "rate limited by provider"},
+                }
+            ]
+        }
     )
     with pytest.raises(BadGateway) as info:
         parse_chunk(payload)
@@ -175,7 +207,9 @@ def test_parse_chunk_finish_reason_error_with_message_carries_it() -> None:
 
 
 def test_parse_chunk_null_error_is_not_an_error() -> None:
-    chunk = parse_chunk(data({"error": None, "choices": [{"delta": {"content": "ok"}, "error": None}]}))
+    chunk = parse_chunk(
+        data({"error": None, "choices": [{"delta": {"content": "ok"}, "error": None}]})
+    )
     assert chunk is not None and chunk.text == "ok"
 
 
@@ -196,7 +230,9 @@ def test_parse_chunk_malformed_choices_is_bad_gateway(choices: str) -> None:
 
 
 def test_parse_usage_full() -> None:
-    assert parse_usage({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}) == Usage(10, 5, 15, False)
+    assert parse_usage({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}) == Usage(
+        10, 5, 15, False
+    )
 
 
 def test_parse_usage_total_missing_is_the_sum() -> None:
@@ -208,7 +244,9 @@ def test_parse_usage_is_not_estimated() -> None:
     assert usage is not None and usage.estimated is False
 
 
-@pytest.mark.parametrize("value", [None, "12", 12, [1, 2], {"prompt_tokens": "many"}, {"completion_tokens": [1]}])
+@pytest.mark.parametrize(
+    "value", [None, "12", 12, [1, 2], {"prompt_tokens": "many"}, {"completion_tokens": [1]}]
+)
 def test_parse_usage_unusable_is_none(value: Any) -> None:
     assert parse_usage(value) is None
 
@@ -336,7 +374,9 @@ async def test_coalesce_empty_source_yields_nothing() -> None:
 
 async def test_coalesce_yields_first_chunk_at_once() -> None:
     # The source then sleeps 0.5 s; even with a long max_delay the first piece must not wait for it.
-    source = Source(["Hello"], then_sleep=0.5, final=StreamChunk(text=" world", finish_reason="stop"))
+    source = Source(
+        ["Hello"], then_sleep=0.5, final=StreamChunk(text=" world", finish_reason="stop")
+    )
     coalescer = coalesce_chunks(source(), max_delay=1.0)
     started = time.monotonic()
     first = await asyncio.wait_for(coalescer.__anext__(), timeout=2)
@@ -638,7 +678,9 @@ async def test_bounded_stream_propagates_source_errors() -> None:
 async def test_bounded_then_coalesced_like_generation() -> None:
     baseline = asyncio.all_tasks()
     source = Source([f"{i} " for i in range(200)])
-    out = await collect(coalesce_chunks(bounded_stream(source(), max_tokens=20, prompt_tokens=2), max_delay=0.01))
+    out = await collect(
+        coalesce_chunks(bounded_stream(source(), max_tokens=20, prompt_tokens=2), max_delay=0.01)
+    )
     assert joined(out) == "".join(f"{i} " for i in range(20))
     assert out[-1].finish_reason == "length"
     assert out[-1].usage == Usage(2, 20, 22, estimated=True)

@@ -34,7 +34,9 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.utils import timezone
-from hypothesis import HealthCheck, example, given, note, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, example, given, note
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 import llm
 import llm.consumers
@@ -51,9 +53,19 @@ pytestmark = pytest.mark.django_db(transaction=True)
 LIMIT = 4096  # LLM_MAX_REQUEST_BYTES for these tests: huge frames stay cheap
 SERVER_RECURSION_LIMIT = 1000  # CPython's default, which daphne keeps
 CONTRACT_CODES = {
-    "LLM_PROVIDER_DISABLED", "LLM_TIMEOUT", "LLM_UNAVAILABLE", "LLM_BAD_GATEWAY", "LLM_BAD_REQUEST",
-    "INVALID_JSON", "INVALID_REQUEST", "MESSAGE_TOO_LARGE", "UNKNOWN_TYPE", "GENERATION_IN_PROGRESS",
-    "SESSION_NOT_FOUND", "UNAUTHORIZED", "RATE_LIMITED",
+    "LLM_PROVIDER_DISABLED",
+    "LLM_TIMEOUT",
+    "LLM_UNAVAILABLE",
+    "LLM_BAD_GATEWAY",
+    "LLM_BAD_REQUEST",
+    "INVALID_JSON",
+    "INVALID_REQUEST",
+    "MESSAGE_TOO_LARGE",
+    "UNKNOWN_TYPE",
+    "GENERATION_IN_PROGRESS",
+    "SESSION_NOT_FOUND",
+    "UNAUTHORIZED",
+    "RATE_LIMITED",
 }
 KNOWN_TYPES = ("generate", "cancel", "watch")
 FINISH_REASONS = {"stop", "length", "cancelled"}
@@ -71,7 +83,11 @@ FUZZ = hsettings(
     derandomize=True,
     database=None,
     print_blob=False,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
 )
 
 
@@ -88,25 +104,35 @@ CONTENT_CHARS = TEXT_CHARS | st.sampled_from(
 JSON_CHARS = st.characters(min_codepoint=0, max_codepoint=0x10FFFF)
 
 json_scalars = (
-    st.none() | st.booleans() | st.integers()
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(JSON_CHARS, max_size=30)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(JSON_CHARS, max_size=30)
 )
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=5)
-    | st.dictionaries(st.text(JSON_CHARS, max_size=12), inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=5)
+        | st.dictionaries(st.text(JSON_CHARS, max_size=12), inner, max_size=5)
+    ),
     max_leaves=25,
 )
 field_names = st.sampled_from(
     sorted(GENERATE_FIELDS | {"role", "content", "stream", "text", "__proto__", ""})
 ) | st.text(TEXT_CHARS, max_size=10)
 roles = st.sampled_from(["system", "user", "assistant"]) | json_values
-near_messages = st.lists(
-    st.fixed_dictionaries({"role": roles, "content": st.text(JSON_CHARS, max_size=40) | json_values})
-    | st.dictionaries(field_names, json_values, max_size=3)
-    | json_values,
-    max_size=3,
-) | json_values
+near_messages = (
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": roles, "content": st.text(JSON_CHARS, max_size=40) | json_values}
+        )
+        | st.dictionaries(field_names, json_values, max_size=3)
+        | json_values,
+        max_size=3,
+    )
+    | json_values
+)
 ill_typed = {
     "messages": near_messages,
     "model": st.text(TEXT_CHARS, max_size=20) | json_values,
@@ -175,7 +201,9 @@ def binary_frames(draw: st.DrawFn) -> Frame:
     if draw(st.booleans()):
         return Frame(draw(st.binary(max_size=64)), "binary")
     size = draw(st.integers(LIMIT - 2, LIMIT + 2) | st.sampled_from([2 * LIMIT, 16 * LIMIT]))
-    valid = json.dumps({"type": "generate", "messages": [{"role": "user", "content": "Hi"}]}).encode()
+    valid = json.dumps(
+        {"type": "generate", "messages": [{"role": "user", "content": "Hi"}]}
+    ).encode()
     return Frame(valid + b" " * max(0, size - len(valid)), "sized binary json")
 
 
@@ -195,18 +223,24 @@ def sized_frames(draw: st.DrawFn) -> Frame:
 @st.composite
 def deep_frames(draw: st.DrawFn) -> Frame:
     """Nesting up to past the JSON parser's depth limit, as the frame or inside one of its fields."""
-    depth = draw(st.integers(1, 1100) | st.integers(940, 1030))  # around Python's and orjson's limits
+    depth = draw(
+        st.integers(1, 1100) | st.integers(940, 1030)
+    )  # around Python's and orjson's limits
     opener, closer = draw(st.sampled_from([("[", "]"), ('{"a":', "}")]))
     deep = opener * depth + "0" + closer * depth
     hi = '[{"role": "user", "content": "Hi"}]'
-    where, template = draw(st.sampled_from([
-        ("frame", "%s"),
-        ("type", '{"type": %s}'),
-        ("messages", '{"type": "generate", "messages": %s}'),
-        ("content", '{"type": "generate", "messages": [{"role": "user", "content": %s}]}'),
-        ("model", '{"type": "generate", "messages": ' + hi + ', "model": %s}'),
-        ("session_id", '{"type": "watch", "session_id": %s}'),
-    ]))
+    where, template = draw(
+        st.sampled_from(
+            [
+                ("frame", "%s"),
+                ("type", '{"type": %s}'),
+                ("messages", '{"type": "generate", "messages": %s}'),
+                ("content", '{"type": "generate", "messages": [{"role": "user", "content": %s}]}'),
+                ("model", '{"type": "generate", "messages": ' + hi + ', "model": %s}'),
+                ("session_id", '{"type": "watch", "session_id": %s}'),
+            ]
+        )
+    )
     return Frame(template % deep, f"depth {depth} as the {where}")
 
 
@@ -224,8 +258,10 @@ REPLIES = {  # the fake upstream's reply to every generate of an example
 }
 DEEP_TYPE = Frame('{"type": ' + "[" * 1000 + "0" + "]" * 1000 + "}", "a type nested 1000 deep")
 HI = [{"role": "user", "content": "Hi"}]
-NUL_CONTENT = Frame(json.dumps({"type": "generate", "messages": [{"role": "user", "content": "a\x00b"}]}),
-                    "a NUL in a message content")
+NUL_CONTENT = Frame(
+    json.dumps({"type": "generate", "messages": [{"role": "user", "content": "a\x00b"}]}),
+    "a NUL in a message content",
+)
 
 # What the server must answer ------------------------------------------------------------------
 
@@ -324,7 +360,9 @@ class Checker:
 
     def feed(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        assert kind == "websocket.send", f"the server closed or sent {message!r}: the socket must stay open"
+        assert kind == "websocket.send", (
+            f"the server closed or sent {message!r}: the socket must stay open"
+        )
         assert message.get("bytes") is None, f"binary frame from the server: {message!r}"
         text = message.get("text")
         assert isinstance(text, str), message
@@ -347,14 +385,20 @@ class Checker:
 
     def _token(self, frame: dict[str, Any]) -> None:
         assert self.open is not None, f"token outside a generation: {frame!r}"
-        assert set(frame) == {"type", "text"} and isinstance(frame["text"], str) and frame["text"], frame
+        assert (
+            set(frame) == {"type", "text"} and isinstance(frame["text"], str) and frame["text"]
+        ), frame
 
     def _done(self, frame: dict[str, Any]) -> None:
-        assert self.open is not None and frame.get("session_id") == self.open, f"done without its start: {frame!r}"
+        assert self.open is not None and frame.get("session_id") == self.open, (
+            f"done without its start: {frame!r}"
+        )
         assert set(frame) == {"type", "session_id", "finish_reason", "usage"}, frame
         assert frame["finish_reason"] in FINISH_REASONS, frame
         usage = frame["usage"]
-        assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens", "estimated"}, frame
+        assert set(usage) == {"prompt_tokens", "completion_tokens", "total_tokens", "estimated"}, (
+            frame
+        )
         counts = ("prompt_tokens", "completion_tokens")
         assert all(isinstance(usage[k], int) and usage[k] >= 0 for k in counts), frame
         assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"], frame
@@ -402,7 +446,9 @@ class Socket:
             try:
                 self.comm.future.result()
             except BaseException as exc:
-                raise AssertionError(f"the application crashed and dropped the socket: {exc!r}") from exc
+                raise AssertionError(
+                    f"the application crashed and dropped the socket: {exc!r}"
+                ) from exc
             raise AssertionError("the application ended: the socket was dropped")
 
     async def until(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -437,8 +483,13 @@ class Env:
 
 @database_sync_to_async
 def _stored_session() -> str:
-    session = Session.objects.create(provider="lm_studio", model="fake-model", status="completed",
-                                     finish_reason="stop", finished_at=timezone.now())
+    session = Session.objects.create(
+        provider="lm_studio",
+        model="fake-model",
+        status="completed",
+        finish_reason="stop",
+        finished_at=timezone.now(),
+    )
     Message.objects.create(session=session, position=0, role="user", content="Hi")
     Message.objects.create(session=session, position=1, role="assistant", content=STORED_REPLY)
     return str(session.pk)
@@ -446,11 +497,18 @@ def _stored_session() -> str:
 
 @database_sync_to_async
 def _streaming_sessions() -> list[str]:
-    return [str(pk) for pk in Session.objects.filter(status=Session.Status.STREAMING).values_list("pk", flat=True)]
+    return [
+        str(pk)
+        for pk in Session.objects.filter(status=Session.Status.STREAMING).values_list(
+            "pk", flat=True
+        )
+    ]
 
 
 @pytest.fixture
-async def env(upstream: FakeUpstream, settings: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Env]:
+async def env(
+    upstream: FakeUpstream, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Env]:
     settings.LLM_MAX_REQUEST_BYTES = LIMIT
     # A watch of an unknown session is answered after these: short, so examples stay fast.
     monkeypatch.setattr(llm.consumers, "WATCH_RETRY", 0.02)
@@ -490,8 +548,13 @@ def _from_llm(task: asyncio.Task[Any]) -> bool:
     return False
 
 
-async def scenario(env: Env, body: Callable[[Socket], Any], *, reply: Reply | None = None,
-                   close_early: bool = False) -> None:
+async def scenario(
+    env: Env,
+    body: Callable[[Socket], Any],
+    *,
+    reply: Reply | None = None,
+    close_early: bool = False,
+) -> None:
     """Open a socket, run `body`, check the socket still serves a generate, close it, check for leaks.
 
     Runs under Python's default recursion limit, as a server process does (Hypothesis raises it
@@ -505,7 +568,9 @@ async def scenario(env: Env, body: Callable[[Socket], Any], *, reply: Reply | No
         sys.setrecursionlimit(limit)
 
 
-async def _scenario(env: Env, body: Callable[[Socket], Any], *, reply: Reply | None, close_early: bool) -> None:
+async def _scenario(
+    env: Env, body: Callable[[Socket], Any], *, reply: Reply | None, close_early: bool
+) -> None:
     env.upstream.default = reply or Reply(delay=0.01)
     env.upstream.replies.clear()
     env.generations.clear()
@@ -520,7 +585,7 @@ async def _scenario(env: Env, body: Callable[[Socket], Any], *, reply: Reply | N
             assert sock.check.open is None
             env.upstream.default = Reply(delay=0.01)
             sock.check.frames += await generate_ok(comm)  # the socket is still usable
-    except BaseException as exc:  # noqa: BLE001 - re-raised below, with what was left running
+    except BaseException as exc:
         failure = exc
     finally:
         if not comm.future.done():  # (a crashed application is reported above)
@@ -536,7 +601,9 @@ async def _scenario(env: Env, body: Callable[[Socket], Any], *, reply: Reply | N
     assert not leaks, "once the socket was closed: " + "; ".join(leaks)
 
 
-async def _left_running(env: Env, baseline: set[asyncio.Task[Any]], timeout: float = 2.0) -> list[str]:
+async def _left_running(
+    env: Env, baseline: set[asyncio.Task[Any]], timeout: float = 2.0
+) -> list[str]:
     """What still runs (or is stored as running) after the socket closed, polled for `timeout`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -555,7 +622,9 @@ async def _left_running(env: Env, baseline: set[asyncio.Task[Any]], timeout: flo
         if llm.generation._background:
             leaks.append(f"background tasks of llm.generation: {llm.generation._background}")
         groups = getattr(get_channel_layer(), "groups", None)
-        if isinstance(groups, dict):  # the in-memory layer: no group keeps a member of a closed socket
+        if isinstance(
+            groups, dict
+        ):  # the in-memory layer: no group keeps a member of a closed socket
             members = {name: list(channels) for name, channels in groups.items() if channels}
             if members:
                 leaks.append(f"channel-layer groups left behind: {members}")
@@ -579,15 +648,22 @@ async def answer_to(sock: Socket, env: Env, frame: Frame) -> str:
     """Send `frame`, wait for its one answer (an error code, GENERATION run to its end, WATCHING,
     or NOTHING after a while) and return it."""
     allowed = allowed_outcomes(frame)
-    generations, errors, watching = len(env.generations), len(sock.check.errors), len(sock.check.watching)
+    generations, errors, watching = (
+        len(env.generations),
+        len(sock.check.errors),
+        len(sock.check.watching),
+    )
     ends = sock.check.ends
     await sock.send(frame)
     started = time.monotonic()
     while True:
         sock.poll()
         if len(env.generations) > generations:
-            await sock.until(lambda: sock.check.ends > ends and sock.check.open is None, 5,
-                             f"the end of the generation of {frame!r}")
+            await sock.until(
+                lambda: sock.check.ends > ends and sock.check.open is None,
+                5,
+                f"the end of the generation of {frame!r}",
+            )
             answer = GENERATION
             break
         if len(sock.check.errors) > errors:
@@ -602,7 +678,9 @@ async def answer_to(sock: Socket, env: Env, frame: Frame) -> str:
         assert time.monotonic() - started < 5, f"no answer to {frame!r}"
         await asyncio.sleep(0.002)
     await sock.quiet(0.01)
-    assert answer in allowed, f"{frame!r} was answered {answer}, the contract allows {sorted(allowed)}"
+    assert answer in allowed, (
+        f"{frame!r} was answered {answer}, the contract allows {sorted(allowed)}"
+    )
     return answer
 
 
@@ -612,7 +690,9 @@ async def answer_to(sock: Socket, env: Env, frame: Frame) -> str:
 @example(frames=[DEEP_TYPE])
 # Found on PostgreSQL, which cannot store a NUL: the reply streamed, then ended in INTERNAL_ERROR.
 @example(frames=[NUL_CONTENT])
-async def test_any_frame_gets_a_contract_answer_and_the_socket_stays_usable(env: Env, frames: list[Frame]) -> None:
+async def test_any_frame_gets_a_contract_answer_and_the_socket_stays_usable(
+    env: Env, frames: list[Frame]
+) -> None:
     note(f"frames: {frames!r}")
 
     async def body(sock: Socket) -> None:
@@ -654,31 +734,52 @@ def _pairs(messages: list[dict[str, str]]) -> tuple[tuple[str, str], ...]:
 
 
 def _generate(messages: list[dict[str, Any]], **fields: Any) -> Frame:
-    return dumped({"type": "generate", "messages": messages, **fields}, "generate", ascii_only=False)
+    return dumped(
+        {"type": "generate", "messages": messages, **fields}, "generate", ascii_only=False
+    )
 
 
 valid_messages = st.lists(
-    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]),
-                           "content": st.text(CONTENT_CHARS, max_size=40)}),
-    min_size=1, max_size=3,
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["system", "user", "assistant"]),
+            "content": st.text(CONTENT_CHARS, max_size=40),
+        }
+    ),
+    min_size=1,
+    max_size=3,
 )
-generate_options = st.fixed_dictionaries({}, optional={
-    "model": st.text(TEXT_CHARS, min_size=1, max_size=20).filter(lambda m: not m.startswith("bench:")),
-    "max_tokens": st.integers(1, 64) | st.just(1_000_000),
-    "temperature": st.floats(0, 2) | st.integers(0, 2),
-})
+generate_options = st.fixed_dictionaries(
+    {},
+    optional={
+        "model": st.text(TEXT_CHARS, min_size=1, max_size=20).filter(
+            lambda m: not m.startswith("bench:")
+        ),
+        "max_tokens": st.integers(1, 64) | st.just(1_000_000),
+        "temperature": st.floats(0, 2) | st.integers(0, 2),
+    },
+)
 actions = st.one_of(
     st.builds(lambda m, o: Action("generate", _generate(m, **o)), valid_messages, generate_options),
     st.just(Action("generate", _generate([{"role": "user", "content": "Hi"}]))),
     st.just(Action("cancel", Frame('{"type": "cancel"}', "cancel"))),
-    st.builds(lambda u: Action("watch", dumped({"type": "watch", "session_id": str(u)}, "watch unknown")),
-              st.uuids()),
+    st.builds(
+        lambda u: Action("watch", dumped({"type": "watch", "session_id": str(u)}, "watch unknown")),
+        st.uuids(),
+    ),
     st.just(Action("watch_stored")),
     st.builds(lambda m: Action("continue_stored", messages=_pairs(m)), valid_messages),
     st.builds(lambda m: Action("continue_last", messages=_pairs(m)), valid_messages),
-    st.builds(lambda u: Action("continue", _generate([{"role": "user", "content": "go on"}], session_id=str(u))),
-              st.uuids()),
-    st.builds(lambda f: Action("junk", f), json_frames() | typed_frames() | not_json_frames() | binary_frames()),
+    st.builds(
+        lambda u: Action(
+            "continue", _generate([{"role": "user", "content": "go on"}], session_id=str(u))
+        ),
+        st.uuids(),
+    ),
+    st.builds(
+        lambda f: Action("junk", f),
+        json_frames() | typed_frames() | not_json_frames() | binary_frames(),
+    ),
     st.builds(lambda f: Action("big", f), sized_frames()),
     st.builds(lambda p: Action("pause", pause=p), st.sampled_from([0.0, 0.005, 0.02, 0.05])),
 )
@@ -701,18 +802,36 @@ def _resolve(action: Action, sock: Socket, env: Env) -> Frame | None:
     close_early=st.booleans(),
 )
 @example(  # the sequence of the issue
-    steps=[Action("generate", _generate(HI)), Action("cancel", Frame('{"type": "cancel"}')),
-           Action("cancel", Frame('{"type": "cancel"}')), Action("generate", _generate(HI)),
-           Action("watch", dumped({"type": "watch", "session_id": str(uuid.UUID(int=1))}, "watch unknown")),
-           Action("generate", _generate(HI))],
-    reply="slow", close_early=False,
+    steps=[
+        Action("generate", _generate(HI)),
+        Action("cancel", Frame('{"type": "cancel"}')),
+        Action("cancel", Frame('{"type": "cancel"}')),
+        Action("generate", _generate(HI)),
+        Action(
+            "watch", dumped({"type": "watch", "session_id": str(uuid.UUID(int=1))}, "watch unknown")
+        ),
+        Action("generate", _generate(HI)),
+    ],
+    reply="slow",
+    close_early=False,
 )
 # Found by the first test: a frame that crashes the consumer while it streams leaves the
 # generation running, the upstream request open and the session `streaming`, socket gone.
-@example(steps=[Action("generate", _generate(HI)), Action("pause", pause=0.05), Action("junk", DEEP_TYPE)],
-         reply="long", close_early=False)
+@example(
+    steps=[
+        Action("generate", _generate(HI)),
+        Action("pause", pause=0.05),
+        Action("junk", DEEP_TYPE),
+    ],
+    reply="long",
+    close_early=False,
+)
 # Found on PostgreSQL: continuing a stored session with a NUL in the new turn ended in INTERNAL_ERROR.
-@example(steps=[Action("continue_stored", messages=(("user", "a\x00b"),))], reply="fast", close_early=False)
+@example(
+    steps=[Action("continue_stored", messages=(("user", "a\x00b"),))],
+    reply="fast",
+    close_early=False,
+)
 async def test_rapid_sequences_end_every_generation_once_and_leave_nothing_running(
     env: Env, steps: list[Action], reply: str, close_early: bool
 ) -> None:
@@ -743,9 +862,13 @@ async def test_rapid_sequences_end_every_generation_once_and_leave_nothing_runni
         replaced = len(watches) - 1 if watches else 0
         most = len(sent) - cancels
         await sock.until(
-            lambda: sock.check.open is None and all(g.finished_at is not None for g in env.generations)
-            and sock.check.answers >= most - replaced,
-            5, "every frame answered and every generation ended",
+            lambda: (
+                sock.check.open is None
+                and all(g.finished_at is not None for g in env.generations)
+                and sock.check.answers >= most - replaced
+            ),
+            5,
+            "every frame answered and every generation ended",
         )
         await sock.quiet(0.15)
         assert sock.check.open is None

@@ -27,17 +27,27 @@ def tokens(n: int, prefix: str = " t") -> list[str]:
     return [f"{prefix}{i}" for i in range(n)]
 
 
-async def open_socket(path: str = PATH, headers: list[tuple[bytes, bytes]] | None = None) -> WebsocketCommunicator:
-    comm = WebsocketCommunicator(application, path, headers=LOCALHOST if headers is None else headers)
+async def open_socket(
+    path: str = PATH, headers: list[tuple[bytes, bytes]] | None = None
+) -> WebsocketCommunicator:
+    comm = WebsocketCommunicator(
+        application, path, headers=LOCALHOST if headers is None else headers
+    )
     connected, code = await comm.connect(timeout=TIMEOUT)
     assert connected, f"handshake refused ({code})"
     return comm
 
 
-async def try_connect(path: str = PATH, headers: list[tuple[bytes, bytes]] | None = None) -> tuple[bool, Any]:
-    comm = WebsocketCommunicator(application, path, headers=LOCALHOST if headers is None else headers)
+async def try_connect(
+    path: str = PATH, headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[bool, Any]:
+    comm = WebsocketCommunicator(
+        application, path, headers=LOCALHOST if headers is None else headers
+    )
     connected, code = await comm.connect(timeout=TIMEOUT)
-    await comm.disconnect(timeout=TIMEOUT)  # a refused handshake still waits for the client to leave
+    await comm.disconnect(
+        timeout=TIMEOUT
+    )  # a refused handshake still waits for the client to leave
     return connected, code
 
 
@@ -80,11 +90,15 @@ def assert_sequence(frames: list[dict[str, Any]], end: str = "done") -> None:
     assert kinds.count("done") + kinds.count("error") == 1, kinds
 
 
-async def generate(comm: WebsocketCommunicator, messages: list[dict[str, str]] | None = None, **fields: Any) -> None:
+async def generate(
+    comm: WebsocketCommunicator, messages: list[dict[str, str]] | None = None, **fields: Any
+) -> None:
     await comm.send_json_to({"type": "generate", "messages": messages or HI, **fields})
 
 
-async def generate_ok(comm: WebsocketCommunicator, expected: str = HELLO_REPLY, **fields: Any) -> list[dict[str, Any]]:
+async def generate_ok(
+    comm: WebsocketCommunicator, expected: str = HELLO_REPLY, **fields: Any
+) -> list[dict[str, Any]]:
     """A normal generate on `comm` works: start, tokens that make `expected`, done/stop."""
     await generate(comm, **fields)
     frames = await until_end(comm)
@@ -107,7 +121,9 @@ def drained(comm: WebsocketCommunicator) -> list[dict[str, Any]]:
 @database_sync_to_async
 def session_row(session_id: str) -> tuple[Session, list[tuple[str, str]]]:
     session = Session.objects.get(pk=session_id)
-    messages = list(Message.objects.filter(session=session).order_by("position").values_list("role", "content"))
+    messages = list(
+        Message.objects.filter(session=session).order_by("position").values_list("role", "content")
+    )
     return session, messages
 
 
@@ -116,7 +132,9 @@ def all_sessions() -> list[Session]:
     return list(Session.objects.all())
 
 
-async def wait_for_status(session_id: str, status: str, timeout: float = 3.0) -> tuple[Session, list[tuple[str, str]]]:
+async def wait_for_status(
+    session_id: str, status: str, timeout: float = 3.0
+) -> tuple[Session, list[tuple[str, str]]]:
     """Poll the database until the session has `status` (the pipeline stores it from a thread)."""
     deadline = time.monotonic() + timeout
     while True:

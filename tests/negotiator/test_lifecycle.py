@@ -39,13 +39,17 @@ SLOW_REPLY = "".join(f" t{i}" for i in range(400))
 
 def status_of(database: Path, pk: str) -> str:
     with sqlite3.connect(database) as db:
-        return db.execute("SELECT status FROM llm_session WHERE id = ?", (pk.replace("-", ""),)).fetchone()[0]
+        return db.execute(
+            "SELECT status FROM llm_session WHERE id = ?", (pk.replace("-", ""),)
+        ).fetchone()[0]
 
 
 def reply_of(database: Path, pk: str) -> str:
     with sqlite3.connect(database) as db:
-        row = db.execute("SELECT content FROM llm_message WHERE session_id = ? AND role = 'assistant'",
-                         (pk.replace("-", ""),)).fetchone()
+        row = db.execute(
+            "SELECT content FROM llm_message WHERE session_id = ? AND role = 'assistant'",
+            (pk.replace("-", ""),),
+        ).fetchone()
     return row[0] if row else ""
 
 
@@ -54,15 +58,28 @@ def site(tmp_path: Path) -> Iterator[tuple[dict[str, str], Path]]:
     """The fake upstream, and the environment of a server on a migrated SQLite file of its own."""
     database = tmp_path / "db.sqlite3"
     with servers.fake_upstream(tmp_path, "--tokens", "5") as upstream:
-        env = servers.project_env(tmp_path, DATABASE_URL=f"sqlite:///{database}", LM_STUDIO_BASE_URL=upstream)
+        env = servers.project_env(
+            tmp_path, DATABASE_URL=f"sqlite:///{database}", LM_STUDIO_BASE_URL=upstream
+        )
         servers.manage(env, "migrate", "--noinput", "-v0")
         yield env, database
 
 
 def start_daphne(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "negotiator.asgi:application"]
-    return subprocess.Popen(command, cwd=servers.ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT), port
+    command = [
+        sys.executable,
+        "-m",
+        "daphne",
+        "-b",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "negotiator.asgi:application",
+    ]
+    return subprocess.Popen(
+        command, cwd=servers.ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    ), port
 
 
 def stop(proc: subprocess.Popen[bytes]) -> int:
@@ -85,12 +102,18 @@ def test_daphne_recovers_at_start_and_closes_its_clients_at_stop(tmp_path: Path)
         try:
             # No request is sent: the server's start alone recovers the dead process's session.
             deadline = time.monotonic() + 20
-            while status_of(database, pk) == "streaming" and time.monotonic() < deadline and proc.poll() is None:
+            while (
+                status_of(database, pk) == "streaming"
+                and time.monotonic() < deadline
+                and proc.poll() is None
+            ):
                 time.sleep(0.1)
             assert status_of(database, pk) == "interrupted", log.read_text()
 
             body = {"messages": [{"role": "user", "content": "Hi"}]}
-            reply = httpx.post(f"http://127.0.0.1:{port}/api/v1/llm/generate", json=body, timeout=10)
+            reply = httpx.post(
+                f"http://127.0.0.1:{port}/api/v1/llm/generate", json=body, timeout=10
+            )
             assert reply.status_code == 200, reply.text  # its provider client is open now
         finally:
             code = stop(proc)
@@ -126,7 +149,11 @@ async def start_a_slow_reply(port: int) -> tuple[str, str]:
     """Start an 8 s reply over a WebSocket and read a few tokens: its session id and the text so
     far. The socket is left open (the server's stop must end the reply)."""
     ws = await websockets.connect(f"ws://127.0.0.1:{port}/ws/llm/stream/")
-    await ws.send(json.dumps({"type": "generate", "model": SLOW, "messages": [{"role": "user", "content": "Hi"}]}))
+    await ws.send(
+        json.dumps(
+            {"type": "generate", "model": SLOW, "messages": [{"role": "user", "content": "Hi"}]}
+        )
+    )
     start = json.loads(await ws.recv())
     received = ""
     while len(received) < 20:

@@ -54,7 +54,9 @@ def test_filter_redacts_the_key_and_token_in_the_message(secrets: None) -> None:
 
 
 def test_filter_redacts_secrets_passed_as_arguments(secrets: None) -> None:
-    rec = record("headers=%s token=%s n=%d", {"Authorization": f"Bearer {OPENROUTER_KEY}"}, API_TOKEN, 3)
+    rec = record(
+        "headers=%s token=%s n=%d", {"Authorization": f"Bearer {OPENROUTER_KEY}"}, API_TOKEN, 3
+    )
     RedactSecrets().filter(rec)
     message = rec.getMessage()
     assert OPENROUTER_KEY not in message
@@ -63,7 +65,9 @@ def test_filter_redacts_secrets_passed_as_arguments(secrets: None) -> None:
 
 
 def test_filter_redacts_exception_text(secrets: None) -> None:
-    rec = record("request failed", exc_info=exc_info_with(f"401 for key {OPENROUTER_KEY} / {API_TOKEN}"))
+    rec = record(
+        "request failed", exc_info=exc_info_with(f"401 for key {OPENROUTER_KEY} / {API_TOKEN}")
+    )
     RedactSecrets().filter(rec)
     formatted = logging.Formatter("%(message)s").format(rec)
     assert "RuntimeError" in formatted and "Traceback" in formatted  # the traceback is kept...
@@ -99,7 +103,11 @@ def test_filter_without_secrets_configured(settings: Any, llm_config: Callable[.
 @pytest.fixture
 def console() -> Iterator[io.StringIO]:
     """What the configured console handler writes, captured."""
-    handlers = [h for h in logging.getLogger().handlers if any(isinstance(f, RedactSecrets) for f in h.filters)]
+    handlers = [
+        h
+        for h in logging.getLogger().handlers
+        if any(isinstance(f, RedactSecrets) for f in h.filters)
+    ]
     assert handlers, "no root handler carries the RedactSecrets filter"
     stream = io.StringIO()
     previous = [h.setStream(stream) for h in handlers if isinstance(h, logging.StreamHandler)]
@@ -107,7 +115,9 @@ def console() -> Iterator[io.StringIO]:
     try:
         yield stream
     finally:
-        for handler, old in zip([h for h in handlers if isinstance(h, logging.StreamHandler)], previous):
+        for handler, old in zip(
+            [h for h in handlers if isinstance(h, logging.StreamHandler)], previous
+        ):
             handler.setStream(old)
 
 
@@ -127,7 +137,10 @@ def test_console_output_is_redacted(secrets: None, console: io.StringIO) -> None
 
 @pytest.mark.django_db(transaction=True)
 async def test_openrouter_request_logs_never_show_the_key(
-    secrets: None, llm_config: Callable[..., Any], respx_mock: Any, console: io.StringIO,
+    secrets: None,
+    llm_config: Callable[..., Any],
+    respx_mock: Any,
+    console: io.StringIO,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     llm_config(provider="openrouter", max_retries=1)
@@ -139,7 +152,9 @@ async def test_openrouter_request_logs_never_show_the_key(
             "/api/v1/llm/generate",
             data=json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
             content_type="application/json",
-            headers={"Authorization": f"Bearer {API_TOKEN}"},  # API_TOKEN is set: generating needs it
+            headers={
+                "Authorization": f"Bearer {API_TOKEN}"
+            },  # API_TOKEN is set: generating needs it
         )
     assert response.status_code == 503, response.content
     output = console.getvalue()
@@ -163,13 +178,22 @@ def upstream_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, str]]:
 
 
 def sse_reply(text: str) -> httpx.Response:
-    body = "".join(
-        f"data: {json.dumps(c)}\n\n"
-        for c in (
-            {"model": "served", "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]},
-            {"model": "served", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+    body = (
+        "".join(
+            f"data: {json.dumps(c)}\n\n"
+            for c in (
+                {
+                    "model": "served",
+                    "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+                },
+                {
+                    "model": "served",
+                    "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                },
+            )
         )
-    ) + "data: [DONE]\n\n"
+        + "data: [DONE]\n\n"
+    )
     return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=body.encode())
 
 

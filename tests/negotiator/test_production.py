@@ -23,10 +23,16 @@ PRODUCTION = {
 
 
 def deploy_check(**extra: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "LLM_", "API_TOKEN"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "LLM_", "API_TOKEN"))
+    }
     env |= PRODUCTION | extra | {"DATABASE_URL": "sqlite:////tmp/negotiator-deploy-check.sqlite3"}
     result = subprocess.run(
-        [sys.executable, "manage.py", "check", "--deploy"], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "manage.py", "check", "--deploy"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert "Traceback" not in result.stderr
     return result.stdout + result.stderr
@@ -59,5 +65,9 @@ def test_w002_warns_when_debug_is_off_without_a_token(settings) -> None:
 async def test_admin_and_docs_assets_are_served(path: str) -> None:
     response = await AsyncClient().get(path)
     assert response.status_code == 200
-    body = b"".join([chunk async for chunk in response.streaming_content]) if response.streaming else response.content
+    body = (
+        b"".join([chunk async for chunk in response.streaming_content])
+        if response.streaming
+        else response.content
+    )
     assert len(body) > 100

@@ -20,9 +20,14 @@ REDIS_UP = os.environ.get("SCALEOUT_REDIS_URL", "redis://127.0.0.1:6379/0")
 def redis_down(settings: Any) -> None:
     settings.REDIS_URL = DOWN
     settings.CHANNEL_LAYERS = {
-        "default": {"BACKEND": "negotiator.layers.ResilientRedisChannelLayer", "CONFIG": {"hosts": [DOWN]}}
+        "default": {
+            "BACKEND": "negotiator.layers.ResilientRedisChannelLayer",
+            "CONFIG": {"hosts": [DOWN]},
+        }
     }
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": DOWN}}
+    settings.CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": DOWN}
+    }
 
 
 @pytest.mark.django_db(transaction=True)
@@ -32,7 +37,9 @@ async def test_health_is_degraded_with_a_clear_code(redis_down: None, upstream: 
     assert response.status_code == 200 and body["status"] == "degraded"
     layer = body["checks"]["channel_layer"]
     assert layer["status"] == "error" and layer["error"]["code"] == "CHANNEL_LAYER_UNAVAILABLE"
-    assert body["checks"]["database"]["status"] == "ok" and body["checks"]["llm"]["reachable"] is True
+    assert (
+        body["checks"]["database"]["status"] == "ok" and body["checks"]["llm"]["reachable"] is True
+    )
     await providers.aclose()
 
 
@@ -44,7 +51,8 @@ async def test_generation_and_the_rate_limit_survive_a_redis_outage(
     client = AsyncClient()
     for _ in range(2):
         response = await client.post(
-            "/api/v1/llm/generate", {"messages": [{"role": "user", "content": "Hi"}]},
+            "/api/v1/llm/generate",
+            {"messages": [{"role": "user", "content": "Hi"}]},
             content_type="application/json",
         )
         assert response.status_code == 200, response.content
@@ -79,8 +87,10 @@ async def test_health_reports_a_working_channel_layer_when_redis_answers(setting
 
     settings.REDIS_URL = REDIS_UP
     settings.CHANNEL_LAYERS = {
-        "default": {"BACKEND": "negotiator.layers.ResilientRedisChannelLayer",
-                    "CONFIG": {"hosts": [settings.REDIS_URL]}}
+        "default": {
+            "BACKEND": "negotiator.layers.ResilientRedisChannelLayer",
+            "CONFIG": {"hosts": [settings.REDIS_URL]},
+        }
     }
     layer = await probes.channel_layer()
     assert layer == layer | {"status": "ok", "backend": "ResilientRedisChannelLayer"}

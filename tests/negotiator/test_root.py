@@ -40,7 +40,10 @@ async def test_root_names_the_service_its_version_and_docs() -> None:
     assert response["Content-Type"].startswith("application/json")
     body = response.json()
     assert body == {
-        "name": "negotiator", "version": __version__, "docs": "/api/v1/docs", "playground": "/playground/"
+        "name": "negotiator",
+        "version": __version__,
+        "docs": "/api/v1/docs",
+        "playground": "/playground/",
     }
     assert isinstance(body["version"], str) and body["version"]
 
@@ -110,7 +113,9 @@ def test_generate_request_schema(schema: dict[str, Any]) -> None:
 
 
 def test_generate_request_has_an_example(schema: dict[str, Any]) -> None:
-    body = schema["paths"]["/api/v1/llm/generate"]["post"]["requestBody"]["content"]["application/json"]
+    body = schema["paths"]["/api/v1/llm/generate"]["post"]["requestBody"]["content"][
+        "application/json"
+    ]
     request = resolve(schema, body["schema"])
     examples = request.get("examples") or ([body["example"]] if "example" in body else [])
     examples += list((body.get("examples") or {}).values())
@@ -125,9 +130,21 @@ def test_generate_response_schemas(schema: dict[str, Any]) -> None:
     responses = schema["paths"]["/api/v1/llm/generate"]["post"]["responses"]
     ok = responses["200"]["content"]
     reply = resolve(schema, ok["application/json"]["schema"])
-    assert set(reply["required"]) >= {"session_id", "model", "provider", "content", "finish_reason", "usage"}
+    assert set(reply["required"]) >= {
+        "session_id",
+        "model",
+        "provider",
+        "content",
+        "finish_reason",
+        "usage",
+    }
     usage = resolve(schema, reply["properties"]["usage"])
-    assert set(usage["properties"]) >= {"prompt_tokens", "completion_tokens", "total_tokens", "estimated"}
+    assert set(usage["properties"]) >= {
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "estimated",
+    }
     assert usage["properties"]["estimated"]["type"] == "boolean"
 
 
@@ -135,7 +152,9 @@ def test_generate_documents_the_event_stream_alternative(schema: dict[str, Any])
     ok = schema["paths"]["/api/v1/llm/generate"]["post"]["responses"]["200"]["content"]
     assert "text/event-stream" in ok
     stream = ok["text/event-stream"]
-    example = stream.get("example") or next(iter((stream.get("examples") or {}).values()), {}).get("value")
+    example = stream.get("example") or next(iter((stream.get("examples") or {}).values()), {}).get(
+        "value"
+    )
     assert isinstance(example, str) and example
     frames = [line for line in example.splitlines() if line.startswith("data: ")]
     kinds = [line.split('"type": "', 1)[1].split('"', 1)[0] for line in frames]
@@ -145,7 +164,9 @@ def test_generate_documents_the_event_stream_alternative(schema: dict[str, Any])
 
 
 @pytest.mark.parametrize("status", ["400", "413", "422", "502", "503"])
-def test_generate_documents_error_statuses_with_the_error_body(schema: dict[str, Any], status: str) -> None:
+def test_generate_documents_error_statuses_with_the_error_body(
+    schema: dict[str, Any], status: str
+) -> None:
     responses = schema["paths"]["/api/v1/llm/generate"]["post"]["responses"]
     assert status in responses
     assert ref_name(responses[status]["content"]["application/json"]["schema"]) == "ErrorOut"
@@ -182,7 +203,13 @@ def test_llm_status_response_schema(schema: dict[str, Any]) -> None:
     responses = schema["paths"]["/api/v1/llm/status"]["get"]["responses"]
     status = resolve(schema, responses["200"]["content"]["application/json"]["schema"])
     assert set(status["required"]) >= {
-        "provider", "base_url", "reachable", "latency_ms", "models", "error", "database",
+        "provider",
+        "base_url",
+        "reachable",
+        "latency_ms",
+        "models",
+        "error",
+        "database",
     }
     assert status["properties"]["models"]["type"] == "array"
     assert status["properties"]["reachable"]["type"] == "boolean"

@@ -105,8 +105,18 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
     try:
         env = _env(_with_db(PG_URL, template), "http://127.0.0.1:9/v1", password)
         servers.manage(env, "migrate", "--noinput", "-v0")
-        servers.manage(env, "createsuperuser", "--noinput", "--username", "staff", "--email", "staff@example.com")
-        with servers.fake_upstream(logs, "--tokens", str(TOKENS), "--delay", str(DELAY), "--timestamps") as upstream:
+        servers.manage(
+            env,
+            "createsuperuser",
+            "--noinput",
+            "--username",
+            "staff",
+            "--email",
+            "staff@example.com",
+        )
+        with servers.fake_upstream(
+            logs, "--tokens", str(TOKENS), "--delay", str(DELAY), "--timestamps"
+        ) as upstream:
             yield Shared(admin, template, upstream, logs, password)
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)')
@@ -121,7 +131,10 @@ def running_cluster(shared: Shared, **overrides: str) -> Iterator[Cluster]:
     env = _env(_with_db(PG_URL, name), shared.upstream, shared.admin_password, **overrides)
     try:
         with contextlib.ExitStack() as running:
-            workers = [running.enter_context(servers.daphne(env, shared.logs, migrate=False)) for _ in range(2)]
+            workers = [
+                running.enter_context(servers.daphne(env, shared.logs, migrate=False))
+                for _ in range(2)
+            ]
             logs = [shared.logs / f"daphne-{base.rsplit(':', 1)[1]}.log" for base in workers]
             yield Cluster(workers, logs, env["DATABASE_URL"], name, shared.admin_password)
     finally:
@@ -153,7 +166,9 @@ def sent_at(text: str) -> list[float]:
     return [float(stamp) for stamp in re.findall(r"\|(\d+\.\d+)", text)]
 
 
-async def read_until_end(ws: Any, arrivals: list[tuple[float, str]] | None = None) -> list[dict[str, Any]]:
+async def read_until_end(
+    ws: Any, arrivals: list[tuple[float, str]] | None = None
+) -> list[dict[str, Any]]:
     frames = []
     while True:
         frame = json.loads(await ws.recv())
@@ -171,7 +186,10 @@ def token_text(frames: list[dict[str, Any]]) -> str:
 async def test_watch_on_worker_b_follows_a_generation_on_worker_a(cluster: Cluster) -> None:
     worker_a, worker_b = cluster.workers
     async with asyncio.timeout(60):
-        async with websockets.connect(ws_url(worker_a)) as generator, websockets.connect(ws_url(worker_b)) as watcher:
+        async with (
+            websockets.connect(ws_url(worker_a)) as generator,
+            websockets.connect(ws_url(worker_b)) as watcher,
+        ):
             await generator.send(GENERATE)
             start = json.loads(await generator.recv())
             first = json.loads(await generator.recv())
@@ -194,8 +212,10 @@ async def test_watch_on_worker_b_follows_a_generation_on_worker_a(cluster: Clust
     b_seen = {stamp: at for at, text in b_arrivals for stamp in sent_at(text)}
     lags = sorted((b_seen[s] - a_seen[s]) * 1000 for s in b_seen if s in a_seen)
     assert lags, "the watcher saw no live token"
-    print(f"\nwatch latency B-A over {len(lags)} tokens: p50 {statistics.median(lags):.1f} ms, "
-          f"max {lags[-1]:.1f} ms")
+    print(
+        f"\nwatch latency B-A over {len(lags)} tokens: p50 {statistics.median(lags):.1f} ms, "
+        f"max {lags[-1]:.1f} ms"
+    )
     assert statistics.median(lags) < 100
 
     # What A stored is readable through B: the sessions API and the admin.
@@ -204,17 +224,30 @@ async def test_watch_on_worker_b_follows_a_generation_on_worker_a(cluster: Clust
         assert stored["status"] == "completed" and stored["messages"][-1]["content"] == reply
         login = await http.get("/admin/login/")
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', login.text).group(1)
-        await http.post("/admin/login/?next=/admin/", data={
-            "csrfmiddlewaretoken": token, "username": "staff", "password": cluster.admin_password,
-        }, headers={"Referer": worker_b + "/admin/login/"})
+        await http.post(
+            "/admin/login/?next=/admin/",
+            data={
+                "csrfmiddlewaretoken": token,
+                "username": "staff",
+                "password": cluster.admin_password,
+            },
+            headers={"Referer": worker_b + "/admin/login/"},
+        )
         page = await http.get(f"/admin/llm/session/{start['session_id']}/change/")
     assert page.status_code == 200
     assert "completed" in page.text and reply.split("|")[0].strip() in page.text
 
 
 def flood_frame(**fields: Any) -> str:
-    return json.dumps({"type": "generate", "model": FLOOD, "max_tokens": 100_000,
-                       "messages": [{"role": "user", "content": "Hi"}], **fields})
+    return json.dumps(
+        {
+            "type": "generate",
+            "model": FLOOD,
+            "max_tokens": 100_000,
+            "messages": [{"role": "user", "content": "Hi"}],
+            **fields,
+        }
+    )
 
 
 async def drain(sock: socket.socket, quiet: float = 3) -> tuple[bytes, str]:
@@ -250,8 +283,11 @@ async def test_a_watcher_that_stops_reading_is_cut_and_slows_neither_the_generat
             return time.perf_counter() - started, token_text(frames)
 
     def cut_lines(port: int) -> list[str]:
-        return [line for line in cluster.logs[1].read_text(errors="replace").splitlines()
-                if "reads too slowly" in line and f", {port}]" in line]
+        return [
+            line
+            for line in cluster.logs[1].read_text(errors="replace").splitlines()
+            if "reads too slowly" in line and f", {port}]" in line
+        ]
 
     async def read_once_cut(sock: socket.socket) -> tuple[list[str], bytes, str]:
         """Once worker B logs the cut, read what it still sends, within its 1 s close handshake."""
@@ -271,7 +307,9 @@ async def test_a_watcher_that_stops_reading_is_cut_and_slows_neither_the_generat
             generating = asyncio.create_task(read_until_end(generator))  # read A at once, all along
             watch = json.dumps({"type": "watch", "session_id": start["session_id"]})
             # Three watchers on B: one never reads, one leaves abruptly, one reads normally.
-            stalled = await asyncio.to_thread(open_stalled_socket, worker_b, {"type": "watch", "session_id": start["session_id"]})
+            stalled = await asyncio.to_thread(
+                open_stalled_socket, worker_b, {"type": "watch", "session_id": start["session_id"]}
+            )
             cutting = asyncio.create_task(read_once_cut(stalled))
             vanished = await websockets.connect(ws_url(worker_b))
             reader = await websockets.connect(ws_url(worker_b), max_size=None)
@@ -286,8 +324,10 @@ async def test_a_watcher_that_stops_reading_is_cut_and_slows_neither_the_generat
         except TimeoutError:
             received, ending = await drain(stalled)
             lagged = b'"WATCH_LAGGED"' in received  # a frame of its stream was lost on the way
-            pytest.fail(f"worker B never cut the watcher that stops reading; it got {len(received)} bytes "
-                        f"({ending}){', then WATCH_LAGGED' if lagged else ''}: {received[-120:]!r}")
+            pytest.fail(
+                f"worker B never cut the watcher that stops reading; it got {len(received)} bytes "
+                f"({ending}){', then WATCH_LAGGED' if lagged else ''}: {received[-120:]!r}"
+            )
         finally:
             stalled.close()
 
@@ -311,9 +351,11 @@ async def test_a_watcher_that_stops_reading_is_cut_and_slows_neither_the_generat
     assert (texts[0]["text"] + token_text(texts[1:])) in reply
     codes = [struct.unpack("!H", payload[:2])[0] for opcode, payload in sent if opcode == 0x8]
     assert codes == [4008], (codes, ending, len(received))
-    print(f"\ngenerator with a stalled, a vanished and a reading watcher: {elapsed:.2f} s, alone "
-          f"{baseline:.2f} s; the stalled watcher was cut (close 4008) {cut_after:.2f} s in, "
-          f"after {len(received) / 1e6:.1f} MB")
+    print(
+        f"\ngenerator with a stalled, a vanished and a reading watcher: {elapsed:.2f} s, alone "
+        f"{baseline:.2f} s; the stalled watcher was cut (close 4008) {cut_after:.2f} s in, "
+        f"after {len(received) / 1e6:.1f} MB"
+    )
     assert elapsed < baseline * 1.5 + 0.5, (elapsed, baseline)
 
 
@@ -331,11 +373,20 @@ async def test_a_reading_watcher_is_not_dropped_while_other_sockets_on_its_worke
 
     async with asyncio.timeout(60):
         async with websockets.connect(ws_url(worker_a)) as ws:
-            await ws.send(json.dumps({"type": "generate", "model": "bench:tokens=3",
-                                      "messages": [{"role": "user", "content": "Hi"}]}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "type": "generate",
+                        "model": "bench:tokens=3",
+                        "messages": [{"role": "user", "content": "Hi"}],
+                    }
+                )
+            )
             finished = (await read_until_end(ws))[-1]["session_id"]
-        async with websockets.connect(ws_url(worker_a), max_size=None) as generator, \
-                websockets.connect(ws_url(worker_b), max_size=None) as reader:
+        async with (
+            websockets.connect(ws_url(worker_a), max_size=None) as generator,
+            websockets.connect(ws_url(worker_b), max_size=None) as reader,
+        ):
             await generator.send(flood_frame())
             start = json.loads(await generator.recv())
             generating = asyncio.create_task(read_until_end(generator))
@@ -348,7 +399,9 @@ async def test_a_reading_watcher_is_not_dropped_while_other_sockets_on_its_worke
     assert watched[0]["text"] + token_text(watched[1:]) == token_text(frames)
 
 
-async def test_connections_stay_within_the_pool_under_100_concurrent_generations(cluster: Cluster) -> None:
+async def test_connections_stay_within_the_pool_under_100_concurrent_generations(
+    cluster: Cluster,
+) -> None:
     """WebSocket, SSE and JSON generations, a third each, over both workers: HTTP requests run
     their ORM calls each in a thread of its own, so only the pool bounds their connections."""
     peak = 0
@@ -356,7 +409,9 @@ async def test_connections_stay_within_the_pool_under_100_concurrent_generations
 
     async def sample() -> None:
         nonlocal peak
-        async with await psycopg.AsyncConnection.connect(_with_db(PG_URL, "postgres"), autocommit=True) as conn:
+        async with await psycopg.AsyncConnection.connect(
+            _with_db(PG_URL, "postgres"), autocommit=True
+        ) as conn:
             while not stop.is_set():
                 cursor = await conn.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (cluster.database,)
@@ -373,7 +428,9 @@ async def test_connections_stay_within_the_pool_under_100_concurrent_generations
             return "ws", frames[-1]["type"]
 
     async def over_sse(http: httpx.AsyncClient, base: str) -> tuple[str, str]:
-        async with http.stream("POST", base + "/api/v1/llm/generate", json=body | {"stream": True}) as response:
+        async with http.stream(
+            "POST", base + "/api/v1/llm/generate", json=body | {"stream": True}
+        ) as response:
             assert response.status_code == 200, await response.aread()
             async for line in response.aiter_lines():
                 if line.startswith("data: "):
@@ -394,14 +451,23 @@ async def test_connections_stay_within_the_pool_under_100_concurrent_generations
         for i in range(100):
             base = cluster.workers[i % 2]
             kind = i % 3
-            runs.append(over_websocket(base) if kind == 0 else over_sse(http, base) if kind == 1
-                        else over_json(http, base))
+            runs.append(
+                over_websocket(base)
+                if kind == 0
+                else over_sse(http, base)
+                if kind == 1
+                else over_json(http, base)
+            )
         ends = await asyncio.gather(*runs)
         stop.set()
         await sampler
-    assert sorted(ends) == sorted([("ws", "done")] * 34 + [("sse", "done")] * 33 + [("json", "done")] * 33)
-    print(f"\npeak PostgreSQL connections for 100 concurrent generations (34 WebSocket, 33 SSE, "
-          f"33 JSON) on 2 workers: {peak} (bound {2 * POOL_SIZE})")
+    assert sorted(ends) == sorted(
+        [("ws", "done")] * 34 + [("sse", "done")] * 33 + [("json", "done")] * 33
+    )
+    print(
+        f"\npeak PostgreSQL connections for 100 concurrent generations (34 WebSocket, 33 SSE, "
+        f"33 JSON) on 2 workers: {peak} (bound {2 * POOL_SIZE})"
+    )
     assert 0 < peak <= 2 * POOL_SIZE
 
 
@@ -431,9 +497,14 @@ async def test_the_rate_limit_counts_across_workers(limited_cluster: Cluster) ->
         third = await http.post(worker_a + "/api/v1/llm/generate", json=body | {"stream": True})
         assert first.status_code == 200 and first.json()["finish_reason"] == "stop", first.text
         assert second["type"] == "done", second
-        assert third.status_code == 200 and '"type":"done"' in third.text.replace(" ", ""), third.text
+        assert third.status_code == 200 and '"type":"done"' in third.text.replace(" ", ""), (
+            third.text
+        )
         # Worker A has counted 2, worker B 1: only a shared count refuses the 4th on both.
-        refused = [await http.post(base + "/api/v1/llm/generate", json=body) for base in (worker_a, worker_b)]
+        refused = [
+            await http.post(base + "/api/v1/llm/generate", json=body)
+            for base in (worker_a, worker_b)
+        ]
         frames = [await over_websocket(base) for base in (worker_b, worker_a)]
     assert int(time.time() // 60) == window, "the run straddled a rate-limit window"
     for response in refused:

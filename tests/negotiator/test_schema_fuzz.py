@@ -24,7 +24,8 @@ import jsonschema_rs
 import pytest
 import schemathesis
 from django.db import OperationalError
-from hypothesis import HealthCheck, settings as hypothesis_settings
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -148,11 +149,15 @@ def call(path: str, method: str = "GET", *, checks: list[Any] = CONFORMANCE, **p
 
 def sse_frames(response: Any) -> list[dict[str, Any]]:
     body = response.content.decode()
-    return [json.loads(line[len("data: "):]) for line in body.split("\n") if line.startswith("data: ")]
+    return [
+        json.loads(line[len("data: ") :]) for line in body.split("\n") if line.startswith("data: ")
+    ]
 
 
 def test_json_and_sse_replies_and_the_sessions_they_store(healthy: str) -> None:
-    reply = call(GENERATE, "POST", body={"messages": HELLO, "max_tokens": 64, "temperature": 0.5}).json()
+    reply = call(
+        GENERATE, "POST", body={"messages": HELLO, "max_tokens": 64, "temperature": 0.5}
+    ).json()
     assert reply["finish_reason"] == "stop" and reply["content"], reply
 
     streamed = call(GENERATE, "POST", checks=SSE_CHECKS, body={"messages": HELLO, "stream": True})
@@ -161,12 +166,16 @@ def test_json_and_sse_replies_and_the_sessions_they_store(healthy: str) -> None:
     assert [f["type"] for f in frames][0] == "start" and frames[-1]["type"] == "done", frames
     assert {f["type"] for f in frames[1:-1]} == {"token"}, frames
 
-    continued = call(GENERATE, "POST", body={"messages": HELLO, "session_id": reply["session_id"]}).json()
+    continued = call(
+        GENERATE, "POST", body={"messages": HELLO, "session_id": reply["session_id"]}
+    ).json()
     assert continued["session_id"] == reply["session_id"]
 
     detail = call(SESSION, path_parameters={"session_id": reply["session_id"]}).json()
     assert len(detail["messages"]) == 4 and detail["status"] == "completed", detail
-    listed = call(SESSIONS, query={"status": "completed", "provider": "lm_studio", "page_size": 1}).json()
+    listed = call(
+        SESSIONS, query={"status": "completed", "provider": "lm_studio", "page_size": 1}
+    ).json()
     assert listed["count"] == 2 and len(listed["items"]) == 1, listed
     for query in ({"page": 2, "page_size": 1}, {"page": 99}, {"model": "no-such-model"}):
         call(SESSIONS, query=query)
@@ -178,7 +187,12 @@ def test_sse_events_match_the_documented_event_schema(healthy: str) -> None:
     schemathesis (as OpenAPI 3.2's `itemSchema`) reads that schema as the shape of one event,
     `{"data": "<frame JSON>", "event": "message", ...}`.
     """
-    response = call(GENERATE, "POST", checks=[response_schema_conformance], body={"messages": HELLO, "stream": True})
+    response = call(
+        GENERATE,
+        "POST",
+        checks=[response_schema_conformance],
+        body={"messages": HELLO, "stream": True},
+    )
     assert sse_frames(response)[-1]["type"] == "done"
 
 
@@ -204,7 +218,9 @@ def test_provider_down_health_and_status_as_documented(provider_down: str) -> No
     assert status["reachable"] is False and status["error"]["code"] == "LLM_UNAVAILABLE", status
 
 
-def test_database_down_health_is_503_as_documented(healthy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_database_down_health_is_503_as_documented(
+    healthy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from health import probes
 
     def refuse(alias: str) -> None:
@@ -212,7 +228,9 @@ def test_database_down_health_is_503_as_documented(healthy: str, monkeypatch: py
 
     monkeypatch.setattr(probes, "_select_one", refuse)
     response = call(HEALTH, checks=DOCUMENTED_5XX)
-    assert response.status_code == 503 and response.json()["status"] == "unhealthy", response.content
+    assert response.status_code == 503 and response.json()["status"] == "unhealthy", (
+        response.content
+    )
     call(STATUS)  # the status page reports the database error in its body, still 200
 
 
@@ -232,10 +250,21 @@ def test_oversized_and_malformed_bodies_are_documented_errors(healthy: str, sett
     settings.LLM_MAX_REQUEST_BYTES = 1024
     big = call(GENERATE, "POST", body={"messages": [{"role": "user", "content": "x" * 4096}]})
     assert big.status_code == 413 and big.json()["error"]["code"] == "MESSAGE_TOO_LARGE"
-    unknown = call(GENERATE, "POST", body={"messages": HELLO, "session_id": "6f1f8e4e-0000-4000-8000-000000000000"})
+    unknown = call(
+        GENERATE,
+        "POST",
+        body={"messages": HELLO, "session_id": "6f1f8e4e-0000-4000-8000-000000000000"},
+    )
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "SESSION_NOT_FOUND"
-    streamed_unknown = call(GENERATE, "POST", body={
-        "messages": HELLO, "stream": True, "session_id": "6f1f8e4e-0000-4000-8000-000000000000"})
+    streamed_unknown = call(
+        GENERATE,
+        "POST",
+        body={
+            "messages": HELLO,
+            "stream": True,
+            "session_id": "6f1f8e4e-0000-4000-8000-000000000000",
+        },
+    )
     assert streamed_unknown.status_code == 404
 
 
@@ -259,17 +288,25 @@ def test_nul_in_a_filter_is_not_a_server_error(healthy: str, query: dict[str, st
 def test_nul_in_a_message_is_not_a_server_error(healthy: str, stream: bool) -> None:
     """A NUL in the conversation is valid JSON and a valid string: a reply or a 4xx, never a 500
     (nor, streaming, an INTERNAL_ERROR frame); PostgreSQL cannot store it as it is."""
-    response = call(GENERATE, "POST", checks=SSE_CHECKS if stream else CONFORMANCE,
-                    body={"messages": [{"role": "user", "content": "a\x00b"}], "stream": stream})
+    response = call(
+        GENERATE,
+        "POST",
+        checks=SSE_CHECKS if stream else CONFORMANCE,
+        body={"messages": [{"role": "user", "content": "a\x00b"}], "stream": stream},
+    )
     if stream:
-        assert all(frame.get("code") != "INTERNAL_ERROR" for frame in sse_frames(response)), response.content
+        assert all(frame.get("code") != "INTERNAL_ERROR" for frame in sse_frames(response)), (
+            response.content
+        )
 
 
 def test_the_published_request_schema_bounds_what_the_server_refuses(healthy: str) -> None:
     """What the server refuses as INVALID_REQUEST, the published schema must reject too: clients
     generate their code and validation from it (schemathesis's positive_data_acceptance)."""
     body_schema = schema.raw_schema["components"]["schemas"]["GenerateIn"]
-    validator = jsonschema_rs.validator_for({**body_schema, "components": schema.raw_schema["components"]})
+    validator = jsonschema_rs.validator_for(
+        {**body_schema, "components": schema.raw_schema["components"]}
+    )
     refused = []
     for temperature in (-1, 2.5, 1000):
         body = {"messages": HELLO, "temperature": temperature}
@@ -277,4 +314,6 @@ def test_the_published_request_schema_bounds_what_the_server_refuses(healthy: st
         assert response.status_code == 422, response.content
         if validator.is_valid(body):
             refused.append(temperature)
-    assert not refused, f"the schema documents temperature={refused} as valid; the server answers 422"
+    assert not refused, (
+        f"the schema documents temperature={refused} as valid; the server answers 422"
+    )

@@ -81,45 +81,100 @@ def event(payload: Any) -> bytes:
 
 
 def error_body(auth: str, status: int) -> bytes:
-    return json.dumps({"error": {"code": status, "message": f"Invalid credentials: Authorization: {auth}",
-                                 "metadata": {"authorization": auth}}}).encode()
+    return json.dumps(
+        {
+            "error": {
+                "code": status,
+                "message": f"Invalid credentials: Authorization: {auth}",
+                "metadata": {"authorization": auth},
+            }
+        }
+    ).encode()
 
 
 # Each scenario is picked by the `model` of the request; the reply echoes the Authorization header.
 SCENARIOS: dict[str, Callable[[str], Reply]] = {
     "echo-401": lambda auth: Reply(status=401, body=error_body(auth, 401)),
-    "echo-403-text": lambda auth: Reply(status=403, body=f"forbidden for {auth}".encode(),
-                                        headers={"content-type": "text/plain"}),
+    "echo-403-text": lambda auth: Reply(
+        status=403, body=f"forbidden for {auth}".encode(), headers={"content-type": "text/plain"}
+    ),
     "echo-500": lambda auth: Reply(status=500, body=error_body(auth, 500)),
-    "echo-429": lambda auth: Reply(status=429, body=error_body(auth, 429), headers={"Retry-After": "3600"}),
-    "echo-chunk": lambda auth: EchoReply(tokens=[], error_event=event(
-        {"error": {"code": 401, "message": f"key rejected: {auth}"}})),
-    "echo-chunk-late": lambda auth: EchoReply(tokens=["Partial", " reply"], error_event=event(
-        {"error": {"code": 502, "message": f"provider disconnected ({auth})"},
-         "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]})),
-    "echo-choice-error": lambda auth: EchoReply(tokens=["x"], error_event=event(
-        {"choices": [{"index": 0, "delta": {}, "finish_reason": "error", "error": {"message": f"said {auth}"}}]})),
-    "echo-string-error": lambda auth: EchoReply(tokens=[], error_event=event({"error": f"bad key {auth}"})),
-    "echo-invalid-json": lambda auth: EchoReply(tokens=["a"], error_event=f"data: {{not json {auth}\n\n".encode()),
+    "echo-429": lambda auth: Reply(
+        status=429, body=error_body(auth, 429), headers={"Retry-After": "3600"}
+    ),
+    "echo-chunk": lambda auth: EchoReply(
+        tokens=[], error_event=event({"error": {"code": 401, "message": f"key rejected: {auth}"}})
+    ),
+    "echo-chunk-late": lambda auth: EchoReply(
+        tokens=["Partial", " reply"],
+        error_event=event(
+            {
+                "error": {"code": 502, "message": f"provider disconnected ({auth})"},
+                "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}],
+            }
+        ),
+    ),
+    "echo-choice-error": lambda auth: EchoReply(
+        tokens=["x"],
+        error_event=event(
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {},
+                        "finish_reason": "error",
+                        "error": {"message": f"said {auth}"},
+                    }
+                ]
+            }
+        ),
+    ),
+    "echo-string-error": lambda auth: EchoReply(
+        tokens=[], error_event=event({"error": f"bad key {auth}"})
+    ),
+    "echo-invalid-json": lambda auth: EchoReply(
+        tokens=["a"], error_event=f"data: {{not json {auth}\n\n".encode()
+    ),
 }
 # Failures whose message carries the upstream's own words (and so the echoed key, redacted).
-ECHOED = ("echo-401", "echo-403-text", "echo-500", "echo-429", "echo-chunk", "echo-chunk-late",
-          "echo-choice-error", "echo-string-error", "echo-invalid-json")
+ECHOED = (
+    "echo-401",
+    "echo-403-text",
+    "echo-500",
+    "echo-429",
+    "echo-chunk",
+    "echo-chunk-late",
+    "echo-choice-error",
+    "echo-string-error",
+    "echo-invalid-json",
+)
 EXPECTED_CODES = {
-    "echo-401": "LLM_BAD_REQUEST", "echo-403-text": "LLM_BAD_REQUEST", "echo-500": "LLM_UNAVAILABLE",
-    "echo-429": "LLM_UNAVAILABLE", "echo-chunk": "LLM_BAD_GATEWAY", "echo-chunk-late": "LLM_BAD_GATEWAY",
-    "echo-choice-error": "LLM_BAD_GATEWAY", "echo-string-error": "LLM_BAD_GATEWAY",
+    "echo-401": "LLM_BAD_REQUEST",
+    "echo-403-text": "LLM_BAD_REQUEST",
+    "echo-500": "LLM_UNAVAILABLE",
+    "echo-429": "LLM_UNAVAILABLE",
+    "echo-chunk": "LLM_BAD_GATEWAY",
+    "echo-chunk-late": "LLM_BAD_GATEWAY",
+    "echo-choice-error": "LLM_BAD_GATEWAY",
+    "echo-string-error": "LLM_BAD_GATEWAY",
     "echo-invalid-json": "LLM_BAD_GATEWAY",
 }
 # The key placed so that a message cut to its first 300 (status bodies) or 200 (stream chunks)
 # characters would keep all of it but its last two characters, if the cut came before the redaction.
 STRADDLES: dict[str, Callable[[str], Reply]] = {
-    "straddle-401": lambda auth: Reply(status=401, body=json.dumps(
-        {"error": {"message": "A" * (300 - len(auth) + 2) + auth}}).encode()),
-    "straddle-invalid-json": lambda auth: EchoReply(tokens=[], error_event=(
-        "data: {not json " + "A" * (200 - len("{not json ") - len(auth) + 2) + auth + "\n\n").encode()),
-    "straddle-string-error": lambda auth: EchoReply(tokens=[], error_event=event(
-        {"error": "A" * (200 - len(auth) + 2) + auth})),
+    "straddle-401": lambda auth: Reply(
+        status=401,
+        body=json.dumps({"error": {"message": "A" * (300 - len(auth) + 2) + auth}}).encode(),
+    ),
+    "straddle-invalid-json": lambda auth: EchoReply(
+        tokens=[],
+        error_event=(
+            "data: {not json " + "A" * (200 - len("{not json ") - len(auth) + 2) + auth + "\n\n"
+        ).encode(),
+    ),
+    "straddle-string-error": lambda auth: EchoReply(
+        tokens=[], error_event=event({"error": "A" * (200 - len(auth) + 2) + auth})
+    ),
 }
 
 
@@ -131,12 +186,19 @@ class EchoingUpstream(FakeUpstream):
         self.models_reply = "ok"  # "ok", or a SCENARIOS name for `GET /models`
         self.authorizations: list[str] = []
 
-    async def _answer(self, request: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _answer(
+        self, request: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
         auth = request.headers.get("authorization", "")
         self.authorizations.append(auth)
         if request.path.endswith("/models") and self.models_reply != "ok":
             reply = {**SCENARIOS, **STRADDLES}[self.models_reply](auth)
-            await self._send(writer, reply.status, reply.body or b"", {"content-type": "application/json", **reply.headers})
+            await self._send(
+                writer,
+                reply.status,
+                reply.body or b"",
+                {"content-type": "application/json", **reply.headers},
+            )
             return True
         model = request.body.get("model") if isinstance(request.body, dict) else None
         scenario = SCENARIOS.get(model) or STRADDLES.get(model)
@@ -147,14 +209,23 @@ class EchoingUpstream(FakeUpstream):
     async def _write_stream(self, reply: Reply, writer: asyncio.StreamWriter) -> bool:
         if not isinstance(reply, EchoReply):
             return await super()._write_stream(reply, writer)
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
-                     b"cache-control: no-cache\r\nconnection: close\r\n\r\n")
-        await self._event(writer, self._chunk(reply, {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+            b"cache-control: no-cache\r\nconnection: close\r\n\r\n"
+        )
+        await self._event(
+            writer, self._chunk(reply, {"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+        )
         for index, token in enumerate(reply.tokens):
             if index and reply.delay:
                 await asyncio.sleep(reply.delay)
-            await self._event(writer, self._chunk(reply, {
-                "choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]}))
+            await self._event(
+                writer,
+                self._chunk(
+                    reply,
+                    {"choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]},
+                ),
+            )
         await self._raw(writer, reply.error_event)
         await self._end(writer)
         return True
@@ -167,7 +238,9 @@ class ThreadedUpstream:
     def __init__(self) -> None:
         self.fake = EchoingUpstream()
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="echoing-upstream", daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="echoing-upstream", daemon=True
+        )
 
     def start(self) -> str:
         self.thread.start()
@@ -197,8 +270,13 @@ def openrouter_at(llm_config: Callable[..., dict[str, Any]]) -> Callable[..., No
     def configure(base_url: str, **options: Any) -> None:
         llm_config(
             provider="openrouter",
-            openrouter={"base_url": base_url, "api_key": KEY, "enabled": True, "default_model": "echo-model",
-                        **options},
+            openrouter={
+                "base_url": base_url,
+                "api_key": KEY,
+                "enabled": True,
+                "default_model": "echo-model",
+                **options,
+            },
             max_retries=1,  # one retry: the retry's log line is covered too
         )
 
@@ -212,7 +290,9 @@ def refused() -> str:
 
 
 @pytest.fixture
-def echo(echo_server: ThreadedUpstream, settings: Any, openrouter_at: Callable[..., None]) -> EchoingUpstream:
+def echo(
+    echo_server: ThreadedUpstream, settings: Any, openrouter_at: Callable[..., None]
+) -> EchoingUpstream:
     """OpenRouter selected, enabled, with KEY, at the echoing upstream; API_TOKEN set to TOKEN."""
     openrouter_at(echo_server.fake.base_url)
     settings.API_TOKEN = TOKEN
@@ -237,7 +317,7 @@ def leaks(text: str) -> list[str]:
 
 def shown(text: str, marker: str) -> str:
     at = text.find(marker)
-    return text[max(0, at - 60):at + len(marker) + 30].replace("\n", " ")
+    return text[max(0, at - 60) : at + len(marker) + 30].replace("\n", " ")
 
 
 def assert_clean(where: str, text: str) -> None:
@@ -259,8 +339,13 @@ class Seen:
     def assert_clean(self) -> None:
         found = [(where, leaks(text), text) for where, text in self.items if leaks(text)]
         if found:
-            pytest.fail(f"secrets shown in {len(found)} of {len(self.items)} places:\n" + "\n".join(
-                f"- {where}: {markers} ...{shown(text, markers[0])}..." for where, markers, text in found))
+            pytest.fail(
+                f"secrets shown in {len(found)} of {len(self.items)} places:\n"
+                + "\n".join(
+                    f"- {where}: {markers} ...{shown(text, markers[0])}..."
+                    for where, markers, text in found
+                )
+            )
 
 
 class Logs:
@@ -282,12 +367,16 @@ class Logs:
 
     def __enter__(self) -> Logs:
         self.loggers = [logging.getLogger()] + [
-            logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)
+            logger
+            for logger in logging.Logger.manager.loggerDict.values()
+            if isinstance(logger, logging.Logger)
         ]
         self.levels = [(logger, logger.level) for logger in self.loggers]
         for logger in self.loggers:
             logger.setLevel(logging.DEBUG)
-        self.attached = [logging.getLogger()] + [logger for logger in self.loggers[1:] if not logger.propagate]
+        self.attached = [logging.getLogger()] + [
+            logger for logger in self.loggers[1:] if not logger.propagate
+        ]
         for logger in self.attached:
             logger.addHandler(self.handler)
         return self
@@ -332,12 +421,23 @@ class Client(AsyncClient):
         super().__init__()
         self.default_headers = headers or {}
 
-    def generic(self, method: str, path: str, *args: Any, headers: dict[str, str] | None = None, **kwargs: Any) -> Any:
-        return super().generic(method, path, *args, headers={**self.default_headers, **(headers or {})}, **kwargs)
+    def generic(
+        self,
+        method: str,
+        path: str,
+        *args: Any,
+        headers: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        return super().generic(
+            method, path, *args, headers={**self.default_headers, **(headers or {})}, **kwargs
+        )
 
 
 async def post_generate(client: AsyncClient, **fields: Any) -> Any:
-    return await client.post(GENERATE, data=json.dumps({"messages": HI, **fields}), content_type="application/json")
+    return await client.post(
+        GENERATE, data=json.dumps({"messages": HI, **fields}), content_type="application/json"
+    )
 
 
 @sync_to_async
@@ -354,14 +454,18 @@ def stored_text() -> str:
 def test_the_fake_upstream_echoes_the_key(echo_server: ThreadedUpstream, scenario: str) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
     body = {"model": scenario, "messages": HI, "stream": True}
-    raw = httpx.post(f"{echo_server.fake.base_url}/chat/completions", json=body, headers=headers, timeout=5).text
+    raw = httpx.post(
+        f"{echo_server.fake.base_url}/chat/completions", json=body, headers=headers, timeout=5
+    ).text
     assert KEY in raw, raw
 
 
 def test_the_fake_model_list_echoes_the_key(echo_server: ThreadedUpstream) -> None:
     echo_server.fake.models_reply = "echo-401"
     try:
-        raw = httpx.get(f"{echo_server.fake.base_url}/models", headers={"Authorization": f"Bearer {KEY}"}).text
+        raw = httpx.get(
+            f"{echo_server.fake.base_url}/models", headers={"Authorization": f"Bearer {KEY}"}
+        ).text
     finally:
         echo_server.fake.models_reply = "ok"
     assert KEY in raw, raw
@@ -376,19 +480,29 @@ async def test_http_responses_never_show_the_key_or_the_token(
     seen = Seen()
     client = Client(headers=BEARER)
 
-    for path in ("/", "/api/v1/health", "/api/v1/llm/status", "/api/v1/docs", "/api/v1/openapi.json"):
+    for path in (
+        "/",
+        "/api/v1/health",
+        "/api/v1/llm/status",
+        "/api/v1/docs",
+        "/api/v1/openapi.json",
+    ):
         response = await client.get(path)
         assert response.status_code == 200, (path, response.content)
         seen.add(f"GET {path}", http_text(response))
     echo.models_reply = "echo-401"
     for path in ("/api/v1/health", "/api/v1/llm/status"):
-        text = seen.add(f"GET {path} (the model list echoes the key)", http_text(await client.get(path)))
+        text = seen.add(
+            f"GET {path} (the model list echoes the key)", http_text(await client.get(path))
+        )
         assert REDACTED in text, text  # the upstream's words arrive, without the key
     echo.models_reply = "ok"
 
     # Generate, JSON: success and each failure.
     response = await post_generate(client)
-    assert response.status_code == 200 and response.json()["content"] == "Hello, world!", response.content
+    assert response.status_code == 200 and response.json()["content"] == "Hello, world!", (
+        response.content
+    )
     seen.add("generate ok", http_text(response))
     for scenario in SCENARIOS:
         response = await post_generate(client, model=scenario)
@@ -410,9 +524,10 @@ async def test_http_responses_never_show_the_key_or_the_token(
         assert REDACTED in last["message"], body
 
     # The upstream refuses the connection; OpenRouter switched off (its key still set).
-    for name, options, code in (("refused", {"base_url": refused}, "LLM_UNAVAILABLE"),
-                                ("switched off", {"base_url": echo.base_url, "enabled": False},
-                                 "LLM_PROVIDER_DISABLED")):
+    for name, options, code in (
+        ("refused", {"base_url": refused}, "LLM_UNAVAILABLE"),
+        ("switched off", {"base_url": echo.base_url, "enabled": False}, "LLM_PROVIDER_DISABLED"),
+    ):
         openrouter_at(**options)
         response = await post_generate(client)
         assert response.json()["error"]["code"] == code, response.content
@@ -427,10 +542,14 @@ async def test_http_responses_never_show_the_key_or_the_token(
     response = await client.post(GENERATE, data=b"{not json", content_type="application/json")
     assert response.json()["error"]["code"] == "INVALID_JSON"
     seen.add("invalid JSON", http_text(response))
-    for name, headers in (("no token", {}), ("wrong token", {"Authorization": f"Bearer {TOKEN[:-1]}x"}),
-                          ("the key as token", {"Authorization": f"Bearer {KEY}"})):
+    for name, headers in (
+        ("no token", {}),
+        ("wrong token", {"Authorization": f"Bearer {TOKEN[:-1]}x"}),
+        ("the key as token", {"Authorization": f"Bearer {KEY}"}),
+    ):
         response = await Client(headers=headers).post(
-            GENERATE, data=json.dumps({"messages": HI}), content_type="application/json")
+            GENERATE, data=json.dumps({"messages": HI}), content_type="application/json"
+        )
         assert response.status_code == 401, response.content
         seen.add(f"generate, {name}", http_text(response))
         response = await Client(headers=headers).get("/api/v1/sessions")
@@ -443,13 +562,17 @@ async def test_http_responses_never_show_the_key_or_the_token(
     assert listed["count"] == 2 + 2 * len(SCENARIOS) + 4, listed["count"]
     seen.add("sessions list", http_text(response))
     for item in listed["items"]:
-        seen.add(f"session {item['id']}", http_text(await client.get(f"/api/v1/sessions/{item['id']}")))
+        seen.add(
+            f"session {item['id']}", http_text(await client.get(f"/api/v1/sessions/{item['id']}"))
+        )
     assert REDACTED in http_text(response)
 
     seen.add("the database", await stored_text())
     seen.assert_clean()
     assert f"Bearer {KEY}" in echo.authorizations  # the key was really sent upstream...
-    assert "generation failed" in logs.text and "provider=openrouter" in logs.text  # ...and its failures logged
+    assert (
+        "generation failed" in logs.text and "provider=openrouter" in logs.text
+    )  # ...and its failures logged
     # The capture sees DEBUG records of the project's loggers, through the configured filter.
     logging.getLogger("llm.upstream").debug("canary headers=%s", {"Authorization": f"Bearer {KEY}"})
     assert f"canary headers={{'Authorization': 'Bearer {REDACTED}'}}" in logs.text
@@ -480,7 +603,9 @@ async def test_websocket_frames_never_show_the_key_or_the_token(
             assert REDACTED in end["message"], end
         openrouter_at(refused)
         await ws_client.generate(comm)
-        assert (await until_end(comm, seen, "generate, upstream refused"))[-1]["code"] == "LLM_UNAVAILABLE"
+        assert (await until_end(comm, seen, "generate, upstream refused"))[-1][
+            "code"
+        ] == "LLM_UNAVAILABLE"
         openrouter_at(echo.base_url)
 
         await comm.send_to(text_data="{not json")
@@ -490,7 +615,11 @@ async def test_websocket_frames_never_show_the_key_or_the_token(
         errors = [await ws_client.recv(comm) for _ in range(4)]
         for frame in errors:
             seen.add(f"bad frame: {frame['code']}", json.dumps(frame))
-        assert [f["code"] for f in errors[:3]] == ["INVALID_JSON", "UNKNOWN_TYPE", "INVALID_REQUEST"], errors
+        assert [f["code"] for f in errors[:3]] == [
+            "INVALID_JSON",
+            "UNKNOWN_TYPE",
+            "INVALID_REQUEST",
+        ], errors
     finally:
         await comm.disconnect()
 
@@ -503,8 +632,10 @@ async def test_websocket_frames_never_show_the_key_or_the_token(
 async def test_a_watchers_frames_never_show_the_key(echo: EchoingUpstream, logs: Logs) -> None:
     seen = Seen()
     SCENARIOS["echo-slow"] = lambda auth: EchoReply(
-        tokens=[f" t{i}" for i in range(10)], delay=0.05,
-        error_event=event({"error": {"code": 502, "message": f"lost the key {auth}"}}))
+        tokens=[f" t{i}" for i in range(10)],
+        delay=0.05,
+        error_event=event({"error": {"code": 502, "message": f"lost the key {auth}"}}),
+    )
     generator = await ws_client.open_socket(WS_PATH)
     watcher = await ws_client.open_socket(WS_PATH)
     try:
@@ -535,28 +666,44 @@ async def test_admin_pages_never_show_the_key(echo: EchoingUpstream, logs: Logs)
     assert (await post_generate(client)).status_code == 200
     ids = await sync_to_async(lambda: list(Session.objects.values_list("id", flat=True)))()
     message_ids = await sync_to_async(lambda: list(Message.objects.values_list("id", flat=True)))()
-    errors = await sync_to_async(lambda: list(Session.objects.exclude(error_message="").values_list(
-        "error_message", flat=True)))()
+    errors = await sync_to_async(
+        lambda: list(
+            Session.objects.exclude(error_message="").values_list("error_message", flat=True)
+        )
+    )()
     assert len(ids) == 2 * len(ECHOED) + 1 and len(errors) == 2 * len(ECHOED), errors
     assert all(REDACTED in message for message in errors), errors  # stored with the key cut out
 
-    staff = await sync_to_async(get_user_model().objects.create_superuser)("staff", "staff@example.com", "pw")
+    staff = await sync_to_async(get_user_model().objects.create_superuser)(
+        "staff", "staff@example.com", "pw"
+    )
     admin = Client()
     await admin.aforce_login(staff)
     pages = [
-        "/admin/", "/admin/llm/", "/admin/llm/session/", "/admin/llm/session/?status__exact=failed",
-        "/admin/llm/session/?q=redacted", "/admin/llm/session/?error_code=LLM_BAD_GATEWAY",
-        "/admin/llm/message/", "/admin/llm/message/?q=Partial", "/admin/llm/message/?role__exact=assistant",
+        "/admin/",
+        "/admin/llm/",
+        "/admin/llm/session/",
+        "/admin/llm/session/?status__exact=failed",
+        "/admin/llm/session/?q=redacted",
+        "/admin/llm/session/?error_code=LLM_BAD_GATEWAY",
+        "/admin/llm/message/",
+        "/admin/llm/message/?q=Partial",
+        "/admin/llm/message/?role__exact=assistant",
         *[f"/admin/llm/session/{pk}/change/" for pk in ids],
         *[f"/admin/llm/message/{pk}/change/" for pk in message_ids],
     ]
     seen = Seen()
     for page in pages:
         response = await admin.get(page)
-        assert response.status_code in (200, 302), (page, response.status_code)  # 302: an unknown filter
+        assert response.status_code in (200, 302), (
+            page,
+            response.status_code,
+        )  # 302: an unknown filter
         seen.add(f"admin page {page}", http_text(response))
     shown_errors = sum(REDACTED in text for where, text in seen.items if "/change/" in where)
-    assert shown_errors == 2 * len(ECHOED), shown_errors  # each failed session shows its error, redacted
+    assert shown_errors == 2 * len(ECHOED), (
+        shown_errors
+    )  # each failed session shows its error, redacted
     seen.add("the database", await stored_text())
     seen.assert_clean()
 
@@ -578,7 +725,11 @@ def ping(*args: str) -> tuple[int, str, str]:
 @pytest.mark.parametrize("models_reply", ["ok", "echo-401", "echo-403-text", "echo-500", "refused"])
 @pytest.mark.parametrize("args", [(), ("--json",), ("--provider", "openrouter", "--json")])
 def test_llm_ping_never_shows_the_key(
-    echo: EchoingUpstream, logs: Logs, openrouter_at: Callable[..., None], refused: str, models_reply: str,
+    echo: EchoingUpstream,
+    logs: Logs,
+    openrouter_at: Callable[..., None],
+    refused: str,
+    models_reply: str,
     args: tuple[str, ...],
 ) -> None:
     if models_reply == "refused":
@@ -601,11 +752,23 @@ def test_llm_ping_subprocess_never_shows_the_key(
 ) -> None:
     echo.models_reply = "echo-401"
     env = servers.project_env(
-        tmp_path, LLM_PROVIDER="openrouter", LLM_ENABLE_OPENROUTER="true", OPENROUTER_API_KEY=KEY,
-        OPENROUTER_BASE_URL=echo.base_url, API_TOKEN=TOKEN, LOG_LEVEL="DEBUG", LLM_MAX_RETRIES="0",
+        tmp_path,
+        LLM_PROVIDER="openrouter",
+        LLM_ENABLE_OPENROUTER="true",
+        OPENROUTER_API_KEY=KEY,
+        OPENROUTER_BASE_URL=echo.base_url,
+        API_TOKEN=TOKEN,
+        LOG_LEVEL="DEBUG",
+        LLM_MAX_RETRIES="0",
     )
-    result = subprocess.run([sys.executable, "manage.py", "llm_ping", *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "manage.py", "llm_ping", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "LLM_BAD_REQUEST" in result.stdout and REDACTED in result.stdout, result.stdout
     assert f"Bearer {KEY}" in echo.authorizations
@@ -616,15 +779,23 @@ def test_llm_ping_subprocess_never_shows_the_key(
 # A live server ------------------------------------------------------------------------------------------
 
 
-def test_a_live_servers_output_and_log_file_never_show_secrets(echo: EchoingUpstream, tmp_path: Path) -> None:
+def test_a_live_servers_output_and_log_file_never_show_secrets(
+    echo: EchoingUpstream, tmp_path: Path
+) -> None:
     """daphne, as `make run` serves, at LOG_LEVEL=DEBUG with LOG_DIR: its own output (access log
     included, which bypasses Python logging) and the rotating log file."""
     from websockets.sync.client import connect
 
     log_dir = tmp_path / "logs"
     env = servers.project_env(
-        tmp_path, LLM_PROVIDER="openrouter", LLM_ENABLE_OPENROUTER="true", OPENROUTER_API_KEY=KEY,
-        OPENROUTER_BASE_URL=echo.base_url, API_TOKEN=TOKEN, LOG_LEVEL="DEBUG", LOG_DIR=str(log_dir),
+        tmp_path,
+        LLM_PROVIDER="openrouter",
+        LLM_ENABLE_OPENROUTER="true",
+        OPENROUTER_API_KEY=KEY,
+        OPENROUTER_BASE_URL=echo.base_url,
+        API_TOKEN=TOKEN,
+        LOG_LEVEL="DEBUG",
+        LOG_DIR=str(log_dir),
         LLM_MAX_RETRIES="0",
     )
     echo.models_reply = "echo-401"
@@ -633,9 +804,19 @@ def test_a_live_servers_output_and_log_file_never_show_secrets(echo: EchoingUpst
             seen = [http.get("/api/v1/health"), http.get("/api/v1/llm/status")]
             for scenario in ("echo-401", "echo-chunk-late", "echo-invalid-json"):
                 seen.append(http.post(GENERATE, json={"messages": HI, "model": scenario}))
-                seen.append(http.post(GENERATE, json={"messages": HI, "model": scenario, "stream": True}))
-            seen.append(http.post(GENERATE, content=b"{not json", headers={"content-type": "application/json"}))
-            seen.append(httpx.post(base + GENERATE, json={"messages": HI}, headers={"Authorization": "Bearer no"}))
+                seen.append(
+                    http.post(GENERATE, json={"messages": HI, "model": scenario, "stream": True})
+                )
+            seen.append(
+                http.post(
+                    GENERATE, content=b"{not json", headers={"content-type": "application/json"}
+                )
+            )
+            seen.append(
+                httpx.post(
+                    base + GENERATE, json={"messages": HI}, headers={"Authorization": "Bearer no"}
+                )
+            )
         ws_url = base.replace("http", "ws") + WS_PATH
         frames = []
         with connect(ws_url, origin=base, open_timeout=5, close_timeout=5) as socket:
@@ -646,8 +827,10 @@ def test_a_live_servers_output_and_log_file_never_show_secrets(echo: EchoingUpst
                     if json.loads(frames[-1])["type"] in ("done", "error"):
                         break
     for response in seen:
-        assert_clean(f"live {response.request.method} {response.request.url.path}",
-                     f"{response.headers}\n{response.text}")
+        assert_clean(
+            f"live {response.request.method} {response.request.url.path}",
+            f"{response.headers}\n{response.text}",
+        )
     assert any(REDACTED in response.text for response in seen)
     for frame in frames:
         assert_clean("live WebSocket frame", frame)
@@ -655,7 +838,10 @@ def test_a_live_servers_output_and_log_file_never_show_secrets(echo: EchoingUpst
 
     output = "\n".join(path.read_text(errors="replace") for path in tmp_path.glob("daphne-*.log"))
     log_file = (log_dir / "negotiator.log").read_text(errors="replace")
-    assert "generation failed" in log_file and "/ws/llm/stream/" in output, (output[-2000:], log_file[-2000:])
+    assert "generation failed" in log_file and "/ws/llm/stream/" in output, (
+        output[-2000:],
+        log_file[-2000:],
+    )
     assert_clean("daphne's output", output)
     assert_clean("the LOG_DIR file", log_file)
 
@@ -664,7 +850,9 @@ def test_a_live_servers_output_and_log_file_never_show_secrets(echo: EchoingUpst
 
 
 @pytest.mark.parametrize("scenario", list(STRADDLES))
-async def test_a_key_cut_by_truncation_is_still_redacted(echo: EchoingUpstream, logs: Logs, scenario: str) -> None:
+async def test_a_key_cut_by_truncation_is_still_redacted(
+    echo: EchoingUpstream, logs: Logs, scenario: str
+) -> None:
     """Upstream words are cut short (300 characters of an error body, 200 of a bad chunk) before they
     reach a message: the key must be cut out first, or what is left of it (all but two characters
     here) is shown, stored and logged."""
@@ -682,12 +870,16 @@ async def test_a_key_cut_by_truncation_is_still_redacted(echo: EchoingUpstream, 
     finally:
         await comm.disconnect()
     seen.add("the sessions API", http_text(await client.get("/api/v1/sessions")))
-    staff = await sync_to_async(get_user_model().objects.create_superuser)("staff", "staff@example.com", "pw")
+    staff = await sync_to_async(get_user_model().objects.create_superuser)(
+        "staff", "staff@example.com", "pw"
+    )
     admin = Client()
     await admin.aforce_login(staff)
     ids = await sync_to_async(lambda: list(Session.objects.values_list("id", flat=True)))()
     for pk in ids:
-        seen.add("an admin session page", http_text(await admin.get(f"/admin/llm/session/{pk}/change/")))
+        seen.add(
+            "an admin session page", http_text(await admin.get(f"/admin/llm/session/{pk}/change/"))
+        )
     if scenario == "straddle-401":  # the model list's error body is cut the same way
         echo.models_reply = scenario
         for args in ((), ("--json",)):

@@ -25,8 +25,12 @@ FLOOD = "bench:tokens=20000,size=4096,delay=0.001"
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int, Path]]:
     logs = tmp_path_factory.mktemp("slow-client")
     with servers.fake_upstream(logs, "--tokens", "10") as upstream:
-        env = servers.project_env(logs, LM_STUDIO_BASE_URL=upstream, LLM_MAX_TOKENS="1000000",
-                                  LLM_MAX_SEND_BUFFER_BYTES=str(LIMIT))
+        env = servers.project_env(
+            logs,
+            LM_STUDIO_BASE_URL=upstream,
+            LLM_MAX_TOKENS="1000000",
+            LLM_MAX_SEND_BUFFER_BYTES=str(LIMIT),
+        )
         with servers.daphne_process(env, logs) as (base, pid):
             yield base, pid, logs / f"daphne-{base.rsplit(':', 1)[1]}.log"
 
@@ -37,10 +41,19 @@ def rss_kib(pid: int) -> int:
 
 
 async def normal_stream(base: str) -> tuple[float, str]:
-    async with websockets.connect(base.replace("http://", "ws://") + "/ws/llm/stream/", max_size=None) as ws:
+    async with websockets.connect(
+        base.replace("http://", "ws://") + "/ws/llm/stream/", max_size=None
+    ) as ws:
         started = time.perf_counter()
-        await ws.send(json.dumps({"type": "generate", "model": "bench:tokens=2000",
-                                  "messages": [{"role": "user", "content": "Hi"}]}))
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "generate",
+                    "model": "bench:tokens=2000",
+                    "messages": [{"role": "user", "content": "Hi"}],
+                }
+            )
+        )
         while True:
             frame = json.loads(await ws.recv())
             if frame["type"] in ("done", "error"):
@@ -48,7 +61,9 @@ async def normal_stream(base: str) -> tuple[float, str]:
 
 
 @pytest.mark.timeout(90)
-async def test_a_client_that_stops_reading_is_cut_and_slows_no_one(site: tuple[str, int, Path]) -> None:
+async def test_a_client_that_stops_reading_is_cut_and_slows_no_one(
+    site: tuple[str, int, Path],
+) -> None:
     base, pid, log = site
     alone, end = await normal_stream(base)
     assert end == "done"
@@ -56,7 +71,9 @@ async def test_a_client_that_stops_reading_is_cut_and_slows_no_one(site: tuple[s
     cancelled_before = await cancelled_count(base)  # on PostgreSQL the database outlives the run
 
     # Other clients stream as fast as alone while the slow one is being filled and cut.
-    slow = open_stalled_socket(base, {"type": "generate", "model": FLOOD, "messages": [{"role": "user", "content": "Hi"}]})
+    slow = open_stalled_socket(
+        base, {"type": "generate", "model": FLOOD, "messages": [{"role": "user", "content": "Hi"}]}
+    )
     durations = [await normal_stream(base) for _ in range(3)]
     assert all(end == "done" for _, end in durations)
     assert max(duration for duration, _ in durations) < alone * 3 + 0.5, (durations, alone)
@@ -76,7 +93,9 @@ async def test_a_client_that_stops_reading_is_cut_and_slows_no_one(site: tuple[s
         if await cancelled_count(base) > cancelled_before:
             break
         await asyncio.sleep(0.1)
-    assert await cancelled_count(base) > cancelled_before, "the slow client's generation was not stored as cancelled"
+    assert await cancelled_count(base) > cancelled_before, (
+        "the slow client's generation was not stored as cancelled"
+    )
     cut, closed = logged(log, "reads too slowly"), logged(log, "outcome=closed-by-caller")
     assert 0 <= closed - cut < 0.05, (cut, closed)  # milliseconds: the app is told at the cut
 
@@ -102,10 +121,13 @@ async def test_a_client_that_stops_reading_is_cut_and_slows_no_one(site: tuple[s
 
 def logged(log: Path, text: str) -> float:
     """The time of the first log line holding `text`, in seconds since the epoch."""
-    return logged_at(next(line for line in log.read_text(errors="replace").splitlines() if text in line))
+    return logged_at(
+        next(line for line in log.read_text(errors="replace").splitlines() if text in line)
+    )
 
 
 async def cancelled_count(base: str) -> int:
     async with httpx.AsyncClient(base_url=base) as http:
-        return (await http.get("/api/v1/sessions", params={"status": "cancelled", "page_size": 1})).json()["count"]
-
+        return (
+            await http.get("/api/v1/sessions", params={"status": "cancelled", "page_size": 1})
+        ).json()["count"]

@@ -21,8 +21,13 @@ from tests.servers import ROOT, manage, project_env
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--disable-quic", "--no-first-run",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--no-first-run",
 ]
 ARTIFACTS = ROOT / "test-artifacts"
 TOKEN = "playground-test-token"
@@ -63,10 +68,16 @@ def page(browser: Browser) -> Iterator[Page]:
 def smollm2_site(smollm2_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The project on the real model, with a staff user."""
     logs = tmp_path_factory.mktemp("playground-smollm2")
-    env = project_env(logs, LM_STUDIO_BASE_URL=smollm2_server, LLM_MAX_TOKENS="96",
-                      DJANGO_SUPERUSER_PASSWORD=STAFF_PASSWORD)
+    env = project_env(
+        logs,
+        LM_STUDIO_BASE_URL=smollm2_server,
+        LLM_MAX_TOKENS="96",
+        DJANGO_SUPERUSER_PASSWORD=STAFF_PASSWORD,
+    )
     with servers.daphne(env, logs) as base:
-        manage(env, "createsuperuser", "--noinput", "--username", STAFF, "--email", "staff@example.com")
+        manage(
+            env, "createsuperuser", "--noinput", "--username", STAFF, "--email", "staff@example.com"
+        )
         yield base
 
 
@@ -84,7 +95,9 @@ def slow_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def down_site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The project with its upstream down (nothing listens at the base URL)."""
     logs = tmp_path_factory.mktemp("playground-down")
-    env = project_env(logs, LM_STUDIO_BASE_URL=f"http://127.0.0.1:{servers.free_port()}/v1", LLM_MAX_RETRIES="0")
+    env = project_env(
+        logs, LM_STUDIO_BASE_URL=f"http://127.0.0.1:{servers.free_port()}/v1", LLM_MAX_RETRIES="0"
+    )
     with servers.daphne(env, logs) as base:
         yield base
 
@@ -115,20 +128,27 @@ def reply(page: Page, index: int = -1) -> str:
 @pytest.mark.smollm2
 def test_a_reply_streams_token_by_token_with_its_figures(page: Page, smollm2_site: str) -> None:
     page.goto(smollm2_site + "/playground/")
-    expect(page.locator("#model option")).to_have_count(2)  # "(provider default)" and the served model
+    expect(page.locator("#model option")).to_have_count(
+        2
+    )  # "(provider default)" and the served model
     expect(page.locator("#model")).to_have_value("SmolLM2-135M-Instruct")
     expect(page.locator("#provider-status")).to_contain_text("reachable")
     count_text_updates(page)
 
     send(page, "Tell me a long story about a bicycle shop.")
-    page.wait_for_function("document.querySelector('#messages li.assistant .text').textContent.length > 10")
+    page.wait_for_function(
+        "document.querySelector('#messages li.assistant .text').textContent.length > 10"
+    )
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "playground-mid-stream.png"), full_page=True)
     expect(page.locator("#stop")).to_be_enabled()  # still streaming when the screenshot was taken
 
     expect(page.locator("#meta")).to_be_visible()
     assert page.locator("#finish-reason").inner_text() in ("stop", "length")
-    assert re.fullmatch(r"\d+ prompt \+ \d+ completion = \d+ tokens \(estimated\)", page.locator("#usage").inner_text())
+    assert re.fullmatch(
+        r"\d+ prompt \+ \d+ completion = \d+ tokens \(estimated\)",
+        page.locator("#usage").inner_text(),
+    )
     assert re.fullmatch(r"\d+ ms", page.locator("#ttft").inner_text())
     assert float(page.locator("#tps").inner_text()) > 0
     assert page.evaluate("window.__updates") > 5  # the text grew frame by frame, not all at once
@@ -147,11 +167,19 @@ def test_the_conversation_continues_in_the_same_session(page: Page, smollm2_site
     expect(page.locator("#send")).to_be_enabled()
     assert page.locator("#session").inner_text() == session_id
     stored = httpx.get(f"{smollm2_site}/api/v1/sessions/{session_id}").json()
-    assert [m["role"] for m in stored["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in stored["messages"]] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
     assert stored["messages"][-1]["content"] == reply(page)
 
 
-def test_a_second_tab_watches_the_same_reply_live(browser: Browser, page: Page, slow_site: str) -> None:
+def test_a_second_tab_watches_the_same_reply_live(
+    browser: Browser, page: Page, slow_site: str
+) -> None:
     """Against the slow upstream, so the second tab always joins mid-reply."""
     page.goto(slow_site + "/playground/")
     use_token(page)
@@ -168,7 +196,11 @@ def test_a_second_tab_watches_the_same_reply_live(browser: Browser, page: Page, 
     expect(page.locator("#meta")).to_be_visible(timeout=20_000)
     expect(watcher.locator("#meta")).to_be_visible()
     assert reply(watcher) == reply(page) == "".join(f" t{i}" for i in range(200))
-    assert watcher.locator("#finish-reason").inner_text() == page.locator("#finish-reason").inner_text() == "stop"
+    assert (
+        watcher.locator("#finish-reason").inner_text()
+        == page.locator("#finish-reason").inner_text()
+        == "stop"
+    )
     expect(watcher.locator("#watch-status")).to_have_text("completed")
     watcher.context.close()
 
@@ -195,7 +227,9 @@ def test_stop_cancels_mid_reply(page: Page, slow_site: str) -> None:
     page.goto(slow_site + "/playground/")
     use_token(page)
     send(page, "Hi")
-    page.wait_for_function("document.querySelector('#messages li.assistant .text').textContent.length > 20")
+    page.wait_for_function(
+        "document.querySelector('#messages li.assistant .text').textContent.length > 20"
+    )
     page.click("#stop")
     expect(page.locator("#finish-reason")).to_have_text("cancelled")
     partial = reply(page)
@@ -210,7 +244,9 @@ def test_the_token_field_opens_a_protected_server(page: Page, slow_site: str) ->
     expect(page.locator("#error-message")).to_contain_text("API token")
     use_token(page)
     send(page, "Hi again")
-    page.wait_for_function("document.querySelector('#messages li.assistant:last-child .text').textContent.length > 5")
+    page.wait_for_function(
+        "document.querySelector('#messages li.assistant:last-child .text').textContent.length > 5"
+    )
     assert TOKEN not in page.url
     page.click("#stop")
     expect(page.locator("#finish-reason")).to_have_text("cancelled")
@@ -237,7 +273,9 @@ def test_the_page_loads_nothing_from_other_hosts(page: Page, down_site: str) -> 
     page.on("request", lambda request: requested.append(request.url))
     page.goto(down_site + "/playground/")
     page.wait_for_load_state("networkidle")
-    assert requested and all(url.startswith(down_site) or url.startswith("ws://127.0.0.1") for url in requested)
+    assert requested and all(
+        url.startswith(down_site) or url.startswith("ws://127.0.0.1") for url in requested
+    )
 
 
 def test_the_token_travels_only_as_a_header_and_on_the_socket(page: Page, slow_site: str) -> None:
@@ -252,7 +290,9 @@ def test_the_token_travels_only_as_a_header_and_on_the_socket(page: Page, slow_s
     typed = len(requests)
     use_token(page)  # reconnects with the token and reloads the model list with it
     send(page, "Hi")
-    page.wait_for_function("document.querySelector('#messages li.assistant .text').textContent.length > 20")
+    page.wait_for_function(
+        "document.querySelector('#messages li.assistant .text').textContent.length > 20"
+    )
     page.click("#stop")
     expect(page.locator("#finish-reason")).to_have_text("cancelled")
     session_id = page.locator("#session").inner_text()
@@ -265,18 +305,29 @@ def test_the_token_travels_only_as_a_header_and_on_the_socket(page: Page, slow_s
     for request in requests:
         if request.url.startswith(("ws://", "wss://")):
             continue  # the socket's own handshake, checked below
-        assert not any(form in request.url for form in forms), f"the token is in the URL {request.url}"
+        assert not any(form in request.url for form in forms), (
+            f"the token is in the URL {request.url}"
+        )
         for name, value in request.all_headers().items():  # e.g. a Referer carrying the page URL
-            assert name == "authorization" or TOKEN not in value, f"the token is in {name}: {request.url}"
+            assert name == "authorization" or TOKEN not in value, (
+                f"the token is in {name}: {request.url}"
+            )
 
     # Once the token is entered, every API request carries it: after typing it, and on the
     # watch page (which takes it from sessionStorage).
-    api = [r for r in requests[typed:] if r.resource_type in ("fetch", "xhr") and "/api/v1/" in r.url]
+    api = [
+        r for r in requests[typed:] if r.resource_type in ("fetch", "xhr") and "/api/v1/" in r.url
+    ]
     assert len(api) >= 2, [r.url for r in requests]
     for request in api:
-        assert request.all_headers().get("authorization") == f"Bearer {TOKEN}", (request.url, request.all_headers())
+        assert request.all_headers().get("authorization") == f"Bearer {TOKEN}", (
+            request.url,
+            request.all_headers(),
+        )
 
     socket_urls = [ws.url for ws in sockets]
     assert socket_urls and all(url.startswith("ws://") for url in socket_urls), socket_urls
-    assert any(url.endswith(f"/ws/llm/stream/?token={quote(TOKEN, safe='')}") for url in socket_urls), socket_urls
+    assert any(
+        url.endswith(f"/ws/llm/stream/?token={quote(TOKEN, safe='')}") for url in socket_urls
+    ), socket_urls
     assert TOKEN not in page.url

@@ -26,9 +26,13 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--provider", help="Provider alias (default: LLM_PROVIDER).")
-        parser.add_argument("--json", action="store_true", dest="as_json", help="Print the result as JSON.")
+        parser.add_argument(
+            "--json", action="store_true", dest="as_json", help="Print the result as JSON."
+        )
 
-    def handle(self, *args: Any, provider: str | None = None, as_json: bool = False, **options: Any) -> None:
+    def handle(
+        self, *args: Any, provider: str | None = None, as_json: bool = False, **options: Any
+    ) -> None:
         problems = format_errors(run_llm_checks())
         if problems:
             raise CommandError(problems)
@@ -47,18 +51,26 @@ class Command(BaseCommand):
         if not result.reachable:
             raise SystemExit(1)
 
-    async def _ping(self, alias: str | None) -> tuple[PingResult, dict[str, Any], dict[str, Any] | None]:
+    async def _ping(
+        self, alias: str | None
+    ) -> tuple[PingResult, dict[str, Any], dict[str, Any] | None]:
         """The provider, and beside it the database and channel layer this process would use."""
         try:
-            return await asyncio.gather(get_provider(alias).ping(), probes.database(), probes.channel_layer())
+            return await asyncio.gather(
+                get_provider(alias).ping(), probes.database(), probes.channel_layer()
+            )
         finally:
             await providers.aclose()
 
-    def _print(self, result: PingResult, database: dict[str, Any], layer: dict[str, Any] | None) -> None:
+    def _print(
+        self, result: PingResult, database: dict[str, Any], layer: dict[str, Any] | None
+    ) -> None:
         self.stdout.write(f"Provider: {result.provider}")
         self.stdout.write(f"URL:      {result.base_url}")
         if result.reachable:
-            self.stdout.write(self.style.SUCCESS(f"Status:   reachable ({result.latency_ms:.1f} ms)"))
+            self.stdout.write(
+                self.style.SUCCESS(f"Status:   reachable ({result.latency_ms:.1f} ms)")
+            )
             self.stdout.write(f"Models:   {', '.join(result.models) or '(none listed)'}")
         else:
             error = result.error or {}
@@ -70,4 +82,6 @@ class Command(BaseCommand):
             if part["status"] == "ok":
                 self.stdout.write(f"{label + ':':<9} {kind}, ok ({part['latency_ms']:.1f} ms)")
             else:
-                self.stdout.write(f"{label + ':':<9} {kind}, {part['error']['code']}: {part['error']['message']}")
+                self.stdout.write(
+                    f"{label + ':':<9} {kind}, {part['error']['code']}: {part['error']['message']}"
+                )

@@ -2,7 +2,7 @@
 
 Every row compares, in the same run, the relay (daphne serving this project, over WebSocket and
 over HTTP SSE) with a plain httpx client reading the same upstream stream directly. The upstream
-is `tests/fake_upstream.py` in its own process (token count, rate and TTFT come in the model name,
+is `testkit/fake_upstream.py` in its own process (token count, rate and TTFT come in the model name,
 which the relay passes on) and, for one row, the real SmolLM2 server. Prints a table and writes
 it as JSON under bench/results/.
 """
@@ -32,7 +32,7 @@ import websockets
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests import servers  # noqa: E402
+from testkit import servers  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -204,17 +204,21 @@ async def concurrent_streams(
         # Steady state: once every stream has started and before any has ended (the 100 session
         # set-ups and tear-downs landing in the same instant are reported apart).
         start, end = max(r.sent[0] for r in readings), min(r.sent[-1] for r in readings)
-        lags = sorted(lag * 1000 for r in readings for at, lag in zip(r.sent, r.lags))
+        lags = sorted(lag * 1000 for r in readings for at, lag in zip(r.sent, r.lags, strict=True))
         steady = sorted(
-            lag * 1000 for r in readings for at, lag in zip(r.sent, r.lags) if start <= at <= end
+            lag * 1000
+            for r in readings
+            for at, lag in zip(r.sent, r.lags, strict=True)
+            if start <= at <= end
         )
         return sent, received, steady, lags, sum(len(r.sent) for r in readings)
 
     _, direct_rate, direct_steady, direct_all, _ = await run("direct")
     offered, relay_rate, relay_steady, relay_all, delivered = await run("relay")
-    p = lambda values, q: (
-        values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
-    )
+
+    def p(values: list[float], q: float) -> float:
+        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
     ratio = relay_rate / offered
     details = {
         "offered_tokens_per_s": offered,
@@ -411,9 +415,9 @@ def machine() -> dict[str, Any]:
         "cores": os.cpu_count(),
         "cpu": next(
             (
-                l.split(":", 1)[1].strip()
-                for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
             ),
             platform.processor(),
         ),
@@ -426,7 +430,10 @@ def machine() -> dict[str, Any]:
 
 def print_table(title: str, rows: list[Row]) -> None:
     print(f"\n{title}")
-    header = f"{'scenario':<52} {'figure':<42} {'relay':>10} {'direct':>10} {'value':>8}  {'target':<10} met"
+    header = (
+        f"{'scenario':<52} {'figure':<42} {'relay':>10} {'direct':>10} {'value':>8}  "
+        f"{'target':<10} met"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:

@@ -1,4 +1,7 @@
-"""`GET /api/v1/health` and `GET /api/v1/llm/status`: probes run concurrently, each bounded in time."""
+"""`GET /api/v1/health` and `GET /api/v1/llm/status`.
+
+Their probes run concurrently, each bounded in time.
+"""
 
 from __future__ import annotations
 

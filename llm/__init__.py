@@ -5,6 +5,10 @@ What callers need, imported lazily (this package is a Django app, loaded before 
     from llm import ChatRequest, Generation, get_provider
     generation = Generation(ChatRequest(messages=[{"role": "user", "content": "Hi"}]))
     async for event in generation.events(): ...      # Start, Token..., Done | Failed
+
+A `response_format=ResponseFormat(name, schema)` makes the reply JSON following the schema:
+`Done.output` holds it parsed, or the generation ends `Failed` with `InvalidOutput`;
+`FieldReader("message")` reads one string field of it while it streams.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ _EXPORTS = {
     "NegotiatorError": "llm.exceptions",
     "LLMError": "llm.exceptions",
     "ClientError": "llm.exceptions",
+    "InvalidOutput": "llm.exceptions",
+    "ResponseFormat": "llm.structured",
+    "FieldReader": "llm.structured",
+    # For apps that stream and store on the same mechanisms (negotiations):
+    "Broadcaster": "llm.broadcast",
+    "PerLoop": "llm.loops",
+    "worker_id": "llm.sessions",
+    "worker_alive": "llm.sessions",
 }
 
 __all__ = list(_EXPORTS)

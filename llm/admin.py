@@ -53,6 +53,7 @@ class SessionAdmin(ReadOnlyMixin, admin.ModelAdmin):
         (None, {"fields": ("id", "status", "provider", "tried", "model", "finish_reason")}),
         ("Error", {"fields": ("error_code", "error_message")}),
         ("Usage", {"fields": ("prompt_tokens", "completion_tokens", "usage_estimated")}),
+        ("Structured output", {"fields": ("response_format", "output")}),
         (
             "Timings",
             {

@@ -10,9 +10,10 @@ from django.http import HttpRequest, StreamingHttpResponse
 from ninja import Router
 
 from .auth import api_token, client_key
+from .frames import GenerationFrame, frame_schema
 from .generation import Done, Failed, Generation
 from .ratelimit import check_rate
-from .schemas import ErrorOut, GenerateIn, GenerateOut
+from .schemas import ErrorOut, GenerateIn, GenerateOut, UsageOut
 from .sessions import check_continuable
 
 router = Router(tags=["llm"])
@@ -20,32 +21,14 @@ router = Router(tags=["llm"])
 ERROR_STATUSES = (400, 401, 404, 409, 413, 422, 429, 502, 503)
 
 SSE_EXAMPLE = (
-    'data: {"type": "start", "session_id": "5f0c...", "provider": "lm_studio", "model": "SmolLM2-135M-Instruct"}\n\n'
+    'data: {"type": "start", "session_id": "5f0c...", "provider": "lm_studio", '
+    '"model": "SmolLM2-135M-Instruct"}\n\n'
     'data: {"type": "token", "text": "Hello"}\n\n'
     'data: {"type": "token", "text": " there!"}\n\n'
     'data: {"type": "done", "session_id": "5f0c...", "finish_reason": "stop", '
-    '"usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12, "estimated": true}}\n\n'
+    '"usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12, '
+    '"estimated": true}}\n\n'
 )
-
-
-_USAGE = {
-    "type": "object",
-    "required": ["prompt_tokens", "completion_tokens", "total_tokens", "estimated"],
-    "properties": {
-        "prompt_tokens": {"type": "integer"},
-        "completion_tokens": {"type": "integer"},
-        "total_tokens": {"type": "integer"},
-        "estimated": {"type": "boolean"},
-    },
-}
-
-
-def _frame(kind: str, required: list[str], **properties: dict) -> dict:
-    return {
-        "type": "object",
-        "required": ["type", *required],
-        "properties": {"type": {"const": kind}, **properties},
-    }
 
 
 # One SSE event of `stream: true`: its `data` is one JSON frame, exactly as on the WebSocket.
@@ -56,33 +39,7 @@ SSE_EVENT = {
         "data": {
             "type": "string",
             "contentMediaType": "application/json",
-            "contentSchema": {
-                "oneOf": [
-                    _frame(
-                        "start",
-                        ["session_id", "provider", "model"],
-                        session_id={"type": "string"},
-                        provider={"type": "string"},
-                        model={"type": "string"},
-                        tried={"type": "array", "items": {"type": "object"}},
-                    ),
-                    _frame("token", ["text"], text={"type": "string"}),
-                    _frame(
-                        "done",
-                        ["session_id", "finish_reason", "usage"],
-                        session_id={"type": "string"},
-                        finish_reason={"enum": ["stop", "length", "cancelled"]},
-                        usage=_USAGE,
-                    ),
-                    _frame(
-                        "error",
-                        ["code", "message"],
-                        session_id={"type": "string"},
-                        code={"type": "string"},
-                        message={"type": "string"},
-                    ),
-                ]
-            },
+            "contentSchema": frame_schema(GenerationFrame),
         }
     },
 }
@@ -91,6 +48,7 @@ SSE_EVENT = {
 @router.post(
     "/generate",
     response={200: GenerateOut, ERROR_STATUSES: ErrorOut},
+    exclude_unset=True,  # `output` only when a response_format was given
     summary="Generate a reply",
     auth=api_token,
     description=(
@@ -108,11 +66,7 @@ SSE_EVENT = {
 async def generate(
     request: HttpRequest, payload: GenerateIn
 ) -> GenerateOut | StreamingHttpResponse:
-    await check_rate(
-        client_key(
-            ip=request.META.get("REMOTE_ADDR"), authenticated_by_token=request.auth == "token"
-        )
-    )
+    await check_rate(client_key(request))
     generation = Generation(payload.to_request(), session_id=payload.session_key)
     if payload.stream:
         if payload.session_key:  # refuse with a status now: once streaming, errors are frames
@@ -126,14 +80,17 @@ async def generate(
             if isinstance(event, Failed):
                 raise event.error
             if isinstance(event, Done):
-                return GenerateOut(
+                reply = GenerateOut(
                     session_id=event.session_id,
                     model=generation.model or "",
                     provider=generation.provider or "",
                     content=generation.text,
                     finish_reason=event.finish_reason,
-                    usage=event.usage.as_dict(),
+                    usage=UsageOut(**event.usage.as_frame()),
                 )
+                if event.structured:  # set only then: unset fields are left out of the reply
+                    reply.output = event.output
+                return reply
     raise AssertionError("the pipeline ended without a done or error event")
 
 

@@ -60,6 +60,14 @@ def socket_authorized(scope: dict[str, Any]) -> bool:
     return token_matches(socket_token(scope)) or _is_staff(scope.get("user"))
 
 
-def client_key(*, ip: str | None, authenticated_by_token: bool) -> str:
-    """Whom a rate limit counts: the token's holder, else the client's address."""
-    return "token" if authenticated_by_token else f"ip:{ip or 'unknown'}"
+def client_key(client: HttpRequest | dict[str, Any]) -> str:
+    """Whom a rate limit counts, for either face (an HTTP request or a WebSocket scope): the API
+    token's holder when it sent the token, else the client's address."""
+    if isinstance(client, HttpRequest):
+        scheme, _, credentials = client.headers.get("Authorization", "").partition(" ")
+        by_token = scheme.lower() == "bearer" and token_matches(credentials.strip())
+        ip = client.META.get("REMOTE_ADDR")
+    else:
+        by_token = token_matches(socket_token(client))
+        ip = (client.get("client") or (None,))[0]
+    return "token" if by_token else f"ip:{ip or 'unknown'}"

@@ -12,7 +12,6 @@ import asyncio
 import contextvars
 import logging
 import uuid
-import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,6 +19,7 @@ from channels.db import database_sync_to_async
 from django.db import connection, transaction
 from django.utils import timezone
 
+from .loops import PerLoop
 from .models import Message, Session
 
 logger = logging.getLogger("llm.autosave")
@@ -28,8 +28,11 @@ SAVE_INTERVAL = 2.0
 
 
 class Reply(Protocol):
-    session_id: str | None
-    length: int
+    @property
+    def session_id(self) -> str | None: ...
+
+    @property
+    def length(self) -> int: ...
 
     @property
     def text(self) -> str: ...
@@ -44,8 +47,9 @@ class _Entry:
 
 class Autosave:
     """The saver of one event loop: `track()` a reply while it streams, `untrack()` before its end
-    is stored. A save may still land after the end was stored (the end may be written from another
-    thread: an HTTP request's own); it then changes nothing, since it only ever lengthens a reply."""
+    is stored. A save may still land after the end was stored (the end may be written from
+    another thread: an HTTP request's own); it then changes nothing, since it only ever lengthens
+    a reply."""
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
@@ -131,15 +135,9 @@ def _session_key(session_id: str) -> Any:
     return Session._meta.pk.get_db_prep_value(uuid.UUID(session_id), connection)
 
 
-_savers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Autosave] = (
-    weakref.WeakKeyDictionary()
-)
+_savers = PerLoop(Autosave)
 
 
 def autosave() -> Autosave:
     """The running event loop's saver."""
-    loop = asyncio.get_running_loop()
-    saver = _savers.get(loop)
-    if saver is None:
-        saver = _savers[loop] = Autosave()
-    return saver
+    return _savers.get()

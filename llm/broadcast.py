@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from channels.layers import get_channel_layer
@@ -26,20 +26,41 @@ from .streaming import cancel_and_wait
 logger = logging.getLogger("llm.broadcast")
 
 
-def frames_group(session_id: str) -> str:
-    return f"llm.session.{session_id}"
+def frames_group(session_id: str, kind: str = "llm") -> str:
+    """The group a watched stream's frames go to (`kind` names the app: llm, negotiation)."""
+    return f"{kind}.session.{session_id}"
 
 
-def control_group(session_id: str) -> str:
-    return f"llm.session.{session_id}.ctl"
+def control_group(session_id: str, kind: str = "llm") -> str:
+    """The group its process listens on for watch requests (and, for some kinds, commands)."""
+    return f"{kind}.session.{session_id}.ctl"
+
+
+# A command a stream's process answers besides watch requests: the message, its answer (if any).
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any] | None]]
 
 
 class Broadcaster:
-    """Publishes one generation's frames to its watchers and answers their snapshot requests."""
+    """Publishes one stream's frames to its watchers and answers their snapshot requests.
 
-    def __init__(self, session_id: str, snapshot: Callable[[], dict[str, Any]]) -> None:
+    `kind` names the messages (`{kind}.watch` asks, `{kind}.snapshot` answers, `{kind}.frame`
+    carries a frame with its offset), so another app (negotiations) runs the same mechanism;
+    `handlers` answer its other commands (a message type -> a coroutine whose result, if any, is
+    sent to the message's `reply_to`).
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        snapshot: Callable[[], dict[str, Any]],
+        *,
+        kind: str = "llm",
+        handlers: Mapping[str, Handler] | None = None,
+    ) -> None:
         self.session_id = session_id
         self.snapshot = snapshot
+        self.kind = kind
+        self.handlers = dict(handlers or {})
         self.watched = False
         self.layer = get_channel_layer()
         self._channel: str | None = None
@@ -52,10 +73,11 @@ class Broadcaster:
         try:
             # The default prefix: channels-redis polls one key per process for all such channels.
             self._channel = await self.layer.new_channel()
-            await self.layer.group_add(control_group(self.session_id), self._channel)
+            await self.layer.group_add(control_group(self.session_id, self.kind), self._channel)
         except Exception as exc:  # one line per generation while Redis is down, not a traceback
             logger.warning(
-                "session %s cannot be watched: the channel layer failed (%s: %s)",
+                "%s %s cannot be watched: the channel layer failed (%s: %s)",
+                self.kind,
                 self.session_id,
                 type(exc).__name__,
                 exc,
@@ -64,26 +86,28 @@ class Broadcaster:
             return
         self._listener = asyncio.create_task(self._listen())
 
-    async def publish(self, frame: dict[str, Any], offset: int | None = None) -> None:
+    async def publish(self, frame: Mapping[str, Any], offset: int | None = None) -> None:
         if not self.watched or self.layer is None:
             return
         message = {
-            "type": "llm.frame",
+            "type": f"{self.kind}.frame",
             "session_id": self.session_id,
             "frame": frame,
             "offset": offset,
         }
         try:
-            await self.layer.group_send(frames_group(self.session_id), message)
+            await self.layer.group_send(frames_group(self.session_id, self.kind), message)
         except Exception:  # a broken layer must never break the generation itself
-            logger.exception("could not publish a frame of session %s", self.session_id)
+            logger.exception("could not publish a frame of %s %s", self.kind, self.session_id)
 
     async def stop(self) -> None:
         if self._listener is not None:
             await cancel_and_wait(self._listener)
         if self._channel is not None and self.layer is not None:
             with contextlib.suppress(Exception):
-                await self.layer.group_discard(control_group(self.session_id), self._channel)
+                await self.layer.group_discard(
+                    control_group(self.session_id, self.kind), self._channel
+                )
 
     async def _listen(self) -> None:
         assert self.layer is not None and self._channel is not None
@@ -93,11 +117,22 @@ class Broadcaster:
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("watch requests of session %s: receive failed", self.session_id)
+                logger.exception(
+                    "watch requests of %s %s: receive failed", self.kind, self.session_id
+                )
                 await asyncio.sleep(0.5)
                 continue
-            if message.get("type") == "llm.watch" and message.get("reply_to"):
+            kind, reply_to = message.get("type"), message.get("reply_to")
+            reply: dict[str, Any] | None = None
+            if kind == f"{self.kind}.watch" and reply_to:
                 self.watched = True
-                reply = {"type": "llm.snapshot", **self.snapshot()}
+                reply = {"type": f"{self.kind}.snapshot", **self.snapshot()}
+            elif kind in self.handlers:
+                try:
+                    reply = await self.handlers[kind](message)
+                except Exception:
+                    logger.exception("%s of %s %s failed", kind, self.kind, self.session_id)
+                    continue
+            if reply is not None and reply_to:
                 with contextlib.suppress(Exception):
-                    await self.layer.send(message["reply_to"], reply)
+                    await self.layer.send(reply_to, reply)

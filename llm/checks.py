@@ -15,9 +15,11 @@ import httpx
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning
 
+from negotiator.internals import check_internals
 from negotiator.logging import usable_log_dir
 
 from .conf import llm_settings, provider_chain
+from .structured import FORMS
 
 # Which environment variable sets each provider option (for messages users can act on).
 ENV_NAMES = {
@@ -76,7 +78,8 @@ def check_provider(**kwargs: Any) -> list[CheckMessage]:
         errors.append(
             Error(
                 f"LLM_LOCAL_MODEL is {conf.get('LOCAL_MODEL')!r}.",
-                hint="Set LLM_LOCAL_MODEL to 'auto' (start the bundled model when needed) or 'off'.",
+                hint="Set LLM_LOCAL_MODEL to 'auto' (start the bundled model when needed) "
+                "or 'off'.",
                 id="llm.E006",
             )
         )
@@ -102,7 +105,10 @@ def check_base_urls(**kwargs: Any) -> list[CheckMessage]:
 
 
 def check_proxies(**kwargs: Any) -> list[CheckMessage]:
-    """The proxy each provider in use would be reached through (HTTPS_PROXY and the like), if any."""
+    """The proxy each provider in use would be reached through, if any.
+
+    From HTTPS_PROXY and the like.
+    """
     from .providers.network import environment_proxy
 
     errors: list[CheckMessage] = []
@@ -126,9 +132,10 @@ def check_proxies(**kwargs: Any) -> list[CheckMessage]:
         else:
             continue
         error = Error(
-            f"The proxy for provider {alias!r}, {proxy!r} (HTTPS_PROXY, HTTP_PROXY or ALL_PROXY), {problem}.",
-            hint="Set it to a URL like http://proxy.example.com:3128 (for SOCKS, install httpx[socks]), "
-            "or list the provider's host in NO_PROXY.",
+            f"The proxy for provider {alias!r}, {proxy!r} "
+            f"(HTTPS_PROXY, HTTP_PROXY or ALL_PROXY), {problem}.",
+            hint="Set it to a URL like http://proxy.example.com:3128 "
+            "(for SOCKS, install httpx[socks]), or list the provider's host in NO_PROXY.",
             id="llm.E010",
         )
         if error not in errors:
@@ -171,6 +178,28 @@ def check_numbers(**kwargs: Any) -> list[CheckMessage]:
     return errors
 
 
+def check_response_format(**kwargs: Any) -> list[CheckMessage]:
+    """The form of structured output each provider is configured to send (auto finds it)."""
+    errors: list[CheckMessage] = []
+    for alias, entry in llm_settings()["PROVIDERS"].items():
+        form = entry.get("CONFIG", {}).get("response_format", "auto")
+        if form not in ("auto", *FORMS):
+            name = (
+                "LM_STUDIO_RESPONSE_FORMAT"
+                if alias == "lm_studio"
+                else f"{alias}'s response_format"
+            )
+            errors.append(
+                Error(
+                    f"{name} is {form!r}.",
+                    hint=f"Set {name} to auto (found by asking the server), json_schema "
+                    "(OpenAI's form: LM Studio, OpenRouter) or json_object (llama-cpp-python).",
+                    id="llm.E012",
+                )
+            )
+    return errors
+
+
 def check_database_url(**kwargs: Any) -> list[CheckMessage]:
     problem = getattr(settings, "DATABASE_URL_PROBLEM", "")
     if not problem:
@@ -178,8 +207,8 @@ def check_database_url(**kwargs: Any) -> list[CheckMessage]:
     return [
         Error(
             f"DATABASE_URL is not a database URL this project can use: {problem}.",
-            hint="Set DATABASE_URL to postgres://user:password@host:5432/name or sqlite:///path/to/db.sqlite3, "
-            "or unset it for the SQLite file beside manage.py.",
+            hint="Set DATABASE_URL to postgres://user:password@host:5432/name "
+            "or sqlite:///path/to/db.sqlite3, or unset it for the SQLite file beside manage.py.",
             id="llm.E011",
         )
     ]
@@ -201,8 +230,8 @@ def check_logging(**kwargs: Any) -> list[CheckMessage]:
         errors.append(
             Error(
                 f"LOG_DIR is {log_dir!r}, a folder this process cannot create or write in.",
-                hint="Set LOG_DIR to a writable folder (it is created if missing), or unset it to log "
-                "to the console only.",
+                hint="Set LOG_DIR to a writable folder (it is created if missing), "
+                "or unset it to log to the console only.",
                 id="llm.E009",
             )
         )
@@ -243,7 +272,8 @@ def check_openrouter_key(**kwargs: Any) -> list[CheckMessage]:
             Warning(
                 "OpenRouter is selected but LLM_ENABLE_OPENROUTER is false, so every request "
                 "to it fails with LLM_PROVIDER_DISABLED.",
-                hint="Set LLM_ENABLE_OPENROUTER=true (and OPENROUTER_API_KEY), or pick another provider.",
+                hint="Set LLM_ENABLE_OPENROUTER=true (and OPENROUTER_API_KEY), "
+                "or pick another provider.",
                 id="llm.W001",
             )
         ]
@@ -289,6 +319,7 @@ def check_api_token(**kwargs: Any) -> list[CheckMessage]:
 
 
 ALL_CHECKS = (
+    check_internals,  # negotiator.E001: other packages' private names we patch
     check_provider,
     check_base_urls,
     check_proxies,
@@ -297,13 +328,19 @@ ALL_CHECKS = (
     check_rate_limit,
     check_logging,
     check_database_url,
+    check_response_format,
 )
 # Run by `manage.py check --deploy`, as Django's own security checks are.
 DEPLOY_CHECKS = (check_api_token,)
 
 
 def run_llm_checks() -> list[CheckMessage]:
-    return [message for check in ALL_CHECKS for message in check()]
+    # A patched private name that is gone (negotiator.E001) is reported alone: the other checks
+    # import the modules that patch, which could then stop on it with a traceback.
+    internals = check_internals()
+    if internals:
+        return internals
+    return [message for check in ALL_CHECKS if check is not check_internals for message in check()]
 
 
 def format_errors(messages: Iterable[CheckMessage]) -> str:

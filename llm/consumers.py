@@ -15,9 +15,9 @@ import orjson
 from channels.consumer import get_handler_name
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from .auth import client_key, socket_authorized, socket_token, token_matches
+from .auth import client_key, socket_authorized
 from .broadcast import control_group, frames_group
 from .exceptions import (
     ClientError,
@@ -32,6 +32,7 @@ from .exceptions import (
     WatchLagged,
     WatchUnavailable,
 )
+from .frames import WatchingFrame
 from .generation import Generation
 from .ratelimit import check_rate
 from .schemas import CancelFrame, GenerateFrame, WatchFrame, describe_validation_errors
@@ -39,7 +40,11 @@ from .sessions import stored_reply
 
 logger = logging.getLogger("llm.consumers")
 
-FRAMES = {"generate": GenerateFrame, "cancel": CancelFrame, "watch": WatchFrame}
+FRAMES: dict[str, type[BaseModel]] = {
+    "generate": GenerateFrame,
+    "cancel": CancelFrame,
+    "watch": WatchFrame,
+}
 # Channel-layer messages a watching socket relays (`llm_frame`, `llm_snapshot`).
 RELAYED = frozenset({"llm.frame", "llm.snapshot"})
 # A watcher asks the generating process for its snapshot this often, and after this long with
@@ -54,13 +59,19 @@ CLOSE_TIMEOUT = 5.0
 CLOSE_UNAUTHORIZED = 4401
 
 
-class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
-    """One socket: at most one generation at a time, and at most one watched session."""
+class JSONFrameConsumer(AsyncJsonWebsocketConsumer):
+    """A socket of JSON text frames, each with a `type` naming its schema in `FRAMES`.
+
+    The parts every such socket shares: the API_TOKEN rule at the handshake, the size limit,
+    bad frames answered with an `error` frame (the socket stays usable), a bug in a handler
+    answered with INTERNAL_ERROR, and relayed channel-layer frames (`RELAYED`) kept off the
+    database thread. A subclass sets `FRAMES` and `RELAYED` and implements `handle(frame)`.
+    """
+
+    FRAMES: dict[str, type[BaseModel]] = {}
+    RELAYED: frozenset[str] = frozenset()
 
     async def connect(self) -> None:
-        self.generation: Generation | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.watch = _Watch()
         if not socket_authorized(self.scope):
             await self.close(code=CLOSE_UNAUTHORIZED)
             return
@@ -79,42 +90,35 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         try:
-            frame = self._validate(content)
-            if isinstance(frame, GenerateFrame):
-                await self._generate(frame)
-            elif isinstance(frame, CancelFrame):
-                if self.generation is not None:
-                    self.generation.cancel()
-            else:
-                await self._watch(str(frame.session_id))
+            await self.handle(self._validate(content))
         except ClientError as exc:
-            await self._send_error(exc)
+            await self._send_error(exc, **self.error_context(content))
         except Exception:  # a bug or an outage must not drop the socket
             kind = content.get("type") if isinstance(content, dict) else None
             logger.exception(
                 "a %s frame failed", kind[:50] if isinstance(kind, str) else type(kind).__name__
             )
             await self._send_error(
-                InternalError("The server failed on this frame; the error is logged")
+                InternalError("The server failed on this frame; the error is logged"),
+                **self.error_context(content),
             )
+
+    async def handle(self, frame: Any) -> None:
+        raise NotImplementedError
+
+    def error_context(self, content: Any) -> dict[str, str]:
+        """Fields an error frame about `content` carries besides its code (e.g. an id)."""
+        return {}
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         # channels closes stale database connections, on the one thread all sockets' ORM calls
         # share, before every message. Frames relayed to a watcher never touch the database: for
         # them that hop (once per token, queued behind every write of the worker) is skipped, so
         # a busy database thread cannot make a reading watcher overflow its queue.
-        if message["type"] in RELAYED:
+        if message["type"] in self.RELAYED:
             await getattr(self, get_handler_name(message))(message)
         else:
             await super().dispatch(message)
-
-    async def disconnect(self, code: int) -> None:
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
-            await asyncio.wait([self.task], timeout=CLOSE_TIMEOUT)
-        await self._stop_watching()
-
-    # Frames -----------------------------------------------------------------------------------
 
     def _parse(self, text_data: str | None, bytes_data: bytes | None) -> Any:
         limit = settings.LLM_MAX_REQUEST_BYTES
@@ -129,32 +133,67 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
         except orjson.JSONDecodeError as exc:
             raise InvalidJSON(f"The frame is not valid JSON: {exc}") from exc
 
-    def _validate(self, content: Any) -> GenerateFrame | CancelFrame | WatchFrame:
+    def _validate(self, content: Any) -> Any:
+        *first, last = self.FRAMES
+        known = f"{', '.join(first)} or {last}"
         if not isinstance(content, dict):
             raise InvalidRequest("A frame must be a JSON object with a `type`")
         kind = content.get("type")
         if kind is None:
-            raise InvalidRequest("type: field required (generate, cancel or watch)")
+            raise InvalidRequest(f"type: field required ({known})")
         if not isinstance(kind, str):  # never str() a client's value: it may nest a thousand deep
-            raise UnknownType(
-                f"type must be a string, not {type(kind).__name__}: use generate, cancel or watch"
-            )
-        schema = FRAMES.get(kind)
+            raise UnknownType(f"type must be a string, not {type(kind).__name__}: use {known}")
+        schema = self.FRAMES.get(kind)
         if schema is None:
-            raise UnknownType(f"Unknown frame type {kind[:50]!r}: use generate, cancel or watch")
+            raise UnknownType(f"Unknown frame type {kind[:50]!r}: use {known}")
         try:
             return schema.model_validate(content)
         except ValidationError as exc:
             raise InvalidRequest(describe_validation_errors(exc.errors())) from exc
+
+    async def _send_error(self, error: NegotiatorError, **context: str | None) -> None:
+        frame: dict[str, Any] = {"type": "error"}
+        frame.update({key: value for key, value in context.items() if value})
+        await self.send_json(frame | error.as_dict())
+
+    @classmethod
+    async def encode_json(cls, content: Any) -> str:
+        return orjson.dumps(content).decode()
+
+
+class LLMStreamConsumer(JSONFrameConsumer):
+    """One socket: at most one generation at a time, and at most one watched session."""
+
+    FRAMES = FRAMES
+    RELAYED = RELAYED
+
+    async def connect(self) -> None:
+        self.generation: Generation | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.watch = _Watch()
+        await super().connect()
+
+    async def handle(self, frame: GenerateFrame | CancelFrame | WatchFrame) -> None:
+        if isinstance(frame, GenerateFrame):
+            await self._generate(frame)
+        elif isinstance(frame, CancelFrame):
+            if self.generation is not None:
+                self.generation.cancel()
+        else:
+            await self._watch(str(frame.session_id))
+
+    async def disconnect(self, code: int) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            await asyncio.wait([self.task], timeout=CLOSE_TIMEOUT)
+        await self._stop_watching()
 
     async def _generate(self, frame: GenerateFrame) -> None:
         if self.task is not None and not self.task.done():
             raise GenerationInProgress(
                 "A generation is still streaming on this connection: cancel it first"
             )
-        by_token = token_matches(socket_token(self.scope))
-        client = self.scope.get("client") or (None, None)
-        await check_rate(client_key(ip=client[0], authenticated_by_token=by_token))
+        await check_rate(client_key(self.scope))
         self.generation = Generation(frame.to_request(), session_id=frame.session_key)
         self.task = asyncio.create_task(self._run(self.generation))
 
@@ -165,16 +204,6 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
                     await self.send_json(event.frame())
         except Exception:  # the pipeline turns errors into frames; this is a bug or a dead socket
             logger.exception("relaying session %s failed", generation.session_id)
-
-    async def _send_error(self, error: NegotiatorError, session_id: str | None = None) -> None:
-        frame: dict[str, Any] = {"type": "error"}
-        if session_id:
-            frame["session_id"] = session_id
-        await self.send_json(frame | error.as_dict())
-
-    @classmethod
-    async def encode_json(cls, content: Any) -> str:
-        return orjson.dumps(content).decode()
 
     # Watching ---------------------------------------------------------------------------------
 
@@ -239,6 +268,7 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
             await self._stop_watching()
             await self._send_error(SessionNotFound(f"Session {watch.session_id} does not exist"))
             return
+        assert watch.session_id is not None  # a pending watch has one
         watch.offset = event["offset"]
         await self.send_json(_watching(watch.session_id, event["status"], event["text"]))
         buffered, watch.buffer = watch.buffer, []
@@ -251,11 +281,12 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
             if event["status"] == "streaming":  # the database says streaming, nobody streams it
                 await self._send_error(
                     WatchUnavailable(
-                        "No live frames can be followed for this session: the process generating it "
-                        "does not answer (it may have stopped, or the channel layer is down). The "
-                        "watching frame holds what is stored; send watch again to retry."
+                        "No live frames can be followed for this session: the process "
+                        "generating it does not answer (it may have stopped, or the channel "
+                        "layer is down). The watching frame holds what is stored; send watch "
+                        "again to retry."
                     ),
-                    watch.session_id,
+                    session_id=watch.session_id,
                 )
 
     async def llm_frame(self, event: dict[str, Any]) -> None:
@@ -278,7 +309,7 @@ class LLMStreamConsumer(AsyncJsonWebsocketConsumer):
                     WatchLagged(
                         "This watcher fell behind and missed frames; send watch again to resume"
                     ),
-                    session_id,
+                    session_id=session_id,
                 )
                 return
             watch.offset = offset + len(frame["text"])
@@ -325,5 +356,5 @@ def _stored_answer(session_id: str, found: tuple[Any, str] | None) -> dict[str, 
     }
 
 
-def _watching(session_id: str, status: str, text: str) -> dict[str, Any]:
+def _watching(session_id: str, status: str, text: str) -> WatchingFrame:
     return {"type": "watching", "session_id": session_id, "status": status, "text": text}

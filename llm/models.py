@@ -1,4 +1,7 @@
-"""Stored sessions: one row per conversation, one per turn, so staff can read them and clients continue them."""
+"""Stored sessions: one row per conversation, one per turn.
+
+So staff can read them and clients continue them.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,10 @@ from django.utils import timezone
 
 
 class Session(models.Model):
-    """A conversation. Its provider, model, status, usage and timings are those of its latest reply."""
+    """A conversation.
+
+    Its provider, model, status, usage and timings are those of its latest reply.
+    """
 
     class Status(models.TextChoices):
         STREAMING = "streaming"
@@ -46,11 +52,21 @@ class Session(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     ttft_ms = models.FloatField("TTFT (ms)", null=True, blank=True)
     tokens_per_second = models.FloatField("tokens/s", null=True, blank=True)
-    # Liveness: which process streams it, and when it last saved (see `llm.sessions.recover_interrupted`).
+    response_format = models.JSONField(
+        null=True, blank=True, help_text="The JSON Schema the latest reply was asked to follow."
+    )
+    output = models.JSONField(
+        null=True, blank=True, help_text="The latest reply parsed, when it followed its schema."
+    )
+    # Liveness: which process streams it, and when it last saved
+    # (see `llm.sessions.recover_interrupted`).
     worker = models.CharField(max_length=128, blank=True)
     updated_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
+        # Not "Sessions": admin lists Django's own login sessions under that name too.
+        verbose_name = "LLM session"
+        verbose_name_plural = "LLM sessions"
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["status", "updated_at"], name="llm_session_liveness")]
 
@@ -79,10 +95,10 @@ class Message(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        ordering = [
-            "session_id",
-            "position",
-        ]  # the column: "session" would join Session for its order
+        verbose_name = "LLM message"
+        verbose_name_plural = "LLM messages"
+        # The column: "session" would join Session for its order.
+        ordering = ["session_id", "position"]
         constraints = [
             models.UniqueConstraint(fields=["session", "position"], name="llm_message_position")
         ]

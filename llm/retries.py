@@ -10,7 +10,10 @@ RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
 
 
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds a `Retry-After` header asks for (delta-seconds or an HTTP date); `None` if unusable."""
+    """Seconds a `Retry-After` header asks for; `None` if unusable.
+
+    The header holds delta-seconds or an HTTP date.
+    """
     if not value:
         return None
     value = value.strip()

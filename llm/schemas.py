@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from ninja import Schema
 from pydantic import (
     AfterValidator,
+    BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     StrictBool,
-    StrictInt,
     StrictStr,
+    field_validator,
 )
 
+from .structured import MAX_SCHEMA_BYTES, ResponseFormat, schema_problem
 from .types import ChatRequest
 
 
@@ -31,7 +35,7 @@ Text = Annotated[
 ]
 
 
-def _whole(value: Any) -> Any:
+def whole(value: Any) -> Any:
     """JSON has one number type: 64.0 is the whole number 64 (as JSON Schema's `integer` says), but
     neither 64.5, nor "64", nor true is."""
     if isinstance(value, float) and value.is_integer():
@@ -39,7 +43,13 @@ def _whole(value: Any) -> Any:
     return value
 
 
-WholeNumber = Annotated[StrictInt, BeforeValidator(_whole)]
+WholeNumber = Annotated[int, Strict(), BeforeValidator(whole)]
+
+# The largest `max_tokens` a client may ask for (no model's context comes near it). Bounds of a
+# whole number go before its validator: after it, pydantic publishes them as `ge`/`le`, which
+# JSON Schema does not know (the schema then allowed any integer).
+MAX_TOKENS_LIMIT = 1_000_000
+MaxTokens = Annotated[int, Strict(), Field(ge=1, le=MAX_TOKENS_LIMIT), BeforeValidator(whole)]
 
 
 def _one_line(value: str) -> str:
@@ -65,6 +75,63 @@ class ChatMessageIn(Schema):
     content: Text
 
 
+# A schema small enough to try from the docs page: what a negotiating agent answers with.
+MOVE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "message": {"type": "string"},
+        "action": {"enum": ["offer", "accept", "reject", "walk_away"]},
+        "price": {"type": "number"},
+    },
+    "required": ["message", "action", "price"],
+}
+
+
+class JSONSchemaIn(BaseModel):  # not ninja's Schema, whose `json_schema()` a field would hide
+    """OpenAI's `json_schema` object: a name and the JSON Schema the reply must follow."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern="^[A-Za-z0-9_-]+$",
+        strict=True,
+        description="A name for the schema (letters, digits, _ and -).",
+    )
+    # `schema` is a name pydantic models already use; the field keeps it on the wire.
+    json_schema: dict[str, Any] = Field(
+        alias="schema",
+        strict=True,
+        description=f"A JSON Schema (any draft jsonschema knows), at most {MAX_SCHEMA_BYTES} bytes",
+    )
+    strict: StrictBool | None = Field(
+        default=None, description="Passed on where the server knows it (OpenAI, OpenRouter)."
+    )
+    description: Text | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _usable(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        problem = schema_problem(schema)
+        if problem:
+            raise ValueError(problem)
+        return schema
+
+
+class ResponseFormatIn(BaseModel):
+    """`response_format`: the reply must be JSON following the schema (OpenAI's shape)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaIn
+
+    def to_format(self) -> ResponseFormat:
+        inner = self.json_schema
+        return ResponseFormat(inner.name, inner.json_schema, inner.strict, inner.description)
+
+
 class GenerationParams(Schema):
     """What to generate: a conversation, and optional overrides of the provider's defaults."""
 
@@ -76,12 +143,17 @@ class GenerationParams(Schema):
     model: ModelName | None = Field(
         default=None, description="Empty: the provider's default model."
     )
-    max_tokens: WholeNumber | None = Field(
-        default=None, ge=1, le=1_000_000, description="Empty: LLM_MAX_TOKENS."
-    )
+    max_tokens: MaxTokens | None = Field(default=None, description="Empty: LLM_MAX_TOKENS.")
     temperature: float | None = Field(default=None, ge=0, le=2, strict=True)
     session_id: UUID | None = Field(
         default=None, description="Continue this stored session: its history is sent first."
+    )
+    response_format: ResponseFormatIn | None = Field(
+        default=None,
+        description=(
+            "The reply must be JSON following this schema; the end frame and the JSON reply then "
+            "carry it parsed as `output` (`LLM_INVALID_OUTPUT` when it does not follow it)."
+        ),
     )
 
     @property
@@ -94,6 +166,7 @@ class GenerationParams(Schema):
             model=self.model,
             max_tokens=self.max_tokens,
             temperature=self.temperature,
+            response_format=self.response_format.to_format() if self.response_format else None,
         )
 
 
@@ -112,7 +185,18 @@ class GenerateIn(GenerationParams):
                     "max_tokens": 128,
                     "temperature": 0.7,
                     "stream": False,
-                }
+                },
+                {
+                    "messages": [
+                        {"role": "system", "content": "You buy a used bicycle. Answer in JSON."},
+                        {"role": "user", "content": "I am asking 150 for the blue one."},
+                    ],
+                    "max_tokens": 128,
+                    "response_format": {
+                        "type": "json_schema",
+                        "json_schema": {"name": "move", "schema": MOVE_SCHEMA},
+                    },
+                },
             ]
         },
     )
@@ -141,7 +225,7 @@ class WatchFrame(Schema):
     session_id: UUID
 
 
-def describe_validation_errors(errors: list[dict[str, Any]]) -> str:
+def describe_validation_errors(errors: Sequence[Mapping[str, Any]]) -> str:
     """`messages.0.role: Input should be 'system', 'user' or 'assistant'; ...`: fields named."""
     parts = []
     for error in errors[:5]:
@@ -186,3 +270,7 @@ class GenerateOut(Schema):
     content: str
     finish_reason: Literal["stop", "length", "cancelled"] | str
     usage: UsageOut
+    output: Any = Field(
+        default=None,
+        description="Only with a `response_format`: the reply parsed, as its schema says.",
+    )

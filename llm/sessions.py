@@ -14,10 +14,9 @@ import logging
 import os
 import socket
 import uuid
-import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import Any
 
 from channels.db import database_sync_to_async
 from django.db import DataError, IntegrityError, transaction
@@ -25,11 +24,10 @@ from django.db.models import Max, Q
 from django.utils import timezone
 
 from .exceptions import GenerationInProgress, InternalError, SessionNotFound
+from .loops import PerLoop
 from .models import Message, Session
+from .types import FinishedReply
 from .types import Message as MessageDict
-
-if TYPE_CHECKING:
-    from .generation import Generation
 
 logger = logging.getLogger("llm.sessions")
 
@@ -65,7 +63,7 @@ async def open_session(
     Returns the whole conversation to send upstream (stored history first).
     """
     if create:
-        return await _creator().create(session_id, messages, provider)
+        return await _creators.get().create(session_id, messages, provider)
     return await _continue_session(session_id, messages, provider)
 
 
@@ -94,6 +92,8 @@ def _continue_session(session_id: str, messages: list[MessageDict], provider: st
                 finished_at=None,
                 ttft_ms=None,
                 tokens_per_second=None,
+                response_format=None,
+                output=None,
             )
         )
         if not claimed:
@@ -136,7 +136,8 @@ class _Creator:
         future: asyncio.Future[OpenedSession] = asyncio.get_running_loop().create_future()
         self._pending.append((session_id, messages, provider, future))
         if self._task is None or self._task.done():
-            # A context of its own, as the autosave's: not the thread of the request that came first.
+            # A context of its own, as the autosave's: not the thread of the request that came
+            # first.
             self._task = asyncio.create_task(self._write_pending(), context=contextvars.Context())
         return future
 
@@ -202,54 +203,51 @@ def _insert_sessions(rows: list[tuple[str, list[MessageDict], str]]) -> None:
     )
 
 
-_creators: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Creator] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _creator() -> _Creator:
-    loop = asyncio.get_running_loop()
-    creator = _creators.get(loop)
-    if creator is None:
-        creator = _creators[loop] = _Creator()
-    return creator
+_creators = PerLoop(_Creator)
 
 
 @database_sync_to_async
-def close_session(generation: Generation, position: int) -> None:
+def close_session(reply: FinishedReply, position: int) -> None:
     """Store the reply and how it ended: status, finish reason, error, usage, timings."""
-    g = generation
-    ttft_ms = tokens_per_second = None
-    if g.first_token_at is not None:
-        ttft_ms = round((g.first_token_at - g.created_at) * 1000, 1)
-        if g.usage is not None and g.finished_at is not None and g.finished_at > g.first_token_at:
-            tokens_per_second = round(
-                g.usage.completion_tokens / (g.finished_at - g.first_token_at), 1
-            )
+    usage = reply.usage
     with transaction.atomic():
-        if g.text:
+        if reply.text:
             Message.objects.update_or_create(
-                session_id=g.session_id,
+                session_id=reply.session_id,
                 position=position,
-                defaults={"role": Message.Role.ASSISTANT, "content": g.text},
+                defaults={"role": Message.Role.ASSISTANT, "content": reply.text},
             )
-        Session.objects.filter(pk=g.session_id).update(
-            status=g.status,
-            provider=g.provider or "",
-            tried=g.tried,
-            model=_fit("model", g.model),
-            finish_reason=_fit("finish_reason", g.finish_reason),
-            error_code=g.error.code if g.error else "",
-            error_message=g.error.message if g.error else "",
-            prompt_tokens=g.usage.prompt_tokens if g.usage else None,
-            completion_tokens=g.usage.completion_tokens if g.usage else None,
-            usage_estimated=g.usage.estimated if g.usage else False,
-            first_token_at=_at(g.first_token_at),
-            finished_at=_at(g.finished_at) or timezone.now(),
-            ttft_ms=ttft_ms,
-            tokens_per_second=tokens_per_second,
+        Session.objects.filter(pk=reply.session_id).update(
+            status=reply.status,
+            provider=reply.provider,
+            tried=list(reply.tried),
+            model=_fit("model", reply.model),
+            finish_reason=_fit("finish_reason", reply.finish_reason),
+            error_code=reply.error_code,
+            error_message=reply.error_message,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            usage_estimated=usage.estimated if usage else False,
+            first_token_at=_at(reply.first_token_at),
+            finished_at=_at(reply.finished_at),
+            ttft_ms=reply.ttft_ms,
+            tokens_per_second=reply.tokens_per_second,
+            response_format=reply.response_format,
+            output=_storable_json(reply.output),
             updated_at=timezone.now(),
         )
+
+
+def _storable_json(value: Any) -> Any:
+    """`value` with NUL characters (in keys and strings) as U+FFFD: PostgreSQL's jsonb refuses
+    them, as the text columns do (see `llm.streaming.storable`)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_storable_json(item) for item in value]
+    if isinstance(value, dict):
+        return {_storable_json(key): _storable_json(item) for key, item in value.items()}
+    return value
 
 
 def _fit(name: str, value: str | None) -> str:
@@ -294,8 +292,9 @@ def check_continuable(session_id: str) -> None:
         raise GenerationInProgress(f"Session {session_id} is already generating a reply")
 
 
-def _alive(worker: str) -> bool:
-    """Whether the process that stored `worker` may still run (other hosts: only staleness tells)."""
+def worker_alive(worker: str) -> bool:
+    """Whether the process that stored `worker` may still run (on other hosts only staleness
+    tells)."""
     host, _, rest = worker.partition(":")
     pid, _, boot = rest.partition(":")
     if host != socket.gethostname() or not pid.isdigit():
@@ -318,14 +317,16 @@ def recover_interrupted() -> int:
     dead = [
         pk
         for pk, worker, updated in streaming.values_list("pk", "worker", "updated_at")
-        if updated < stale_before or not _alive(worker)
+        if updated < stale_before or not worker_alive(worker)
     ]
     if not dead:
         return 0
     count = Session.objects.filter(pk__in=dead, status=Session.Status.STREAMING).update(
         status=Session.Status.INTERRUPTED,
         error_code="INTERRUPTED",
-        error_message="The server stopped while this reply was streaming; the text saved so far is kept.",
+        error_message=(
+            "The server stopped while this reply was streaming; the text saved so far is kept."
+        ),
         finished_at=timezone.now(),
     )
     logger.warning("marked %d session(s) left streaming by a dead process as interrupted", count)

@@ -1,7 +1,8 @@
-"""`GET /api/v1/sessions` (paginated, filtered) and `GET /api/v1/sessions/{id}` (with its messages)."""
+"""`GET /api/v1/sessions` (paginated, filtered) and `GET /api/v1/sessions/{id}` (with its
+messages)."""
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 from django.db.models import Prefetch, QuerySet
@@ -43,6 +44,10 @@ class SessionOut(Schema):
     finished_at: datetime | None
     ttft_ms: float | None
     tokens_per_second: float | None
+    response_format: dict[str, Any] | None = Field(
+        description="The JSON Schema the latest reply was asked to follow (OpenAI's shape)."
+    )
+    output: Any = Field(description="The latest reply parsed, when it followed that schema.")
 
     @staticmethod
     def resolve_finish_reason(obj: Session) -> str | None:
@@ -90,7 +95,9 @@ class SessionPages(PageNumberPagination):
     "",
     response={200: list[SessionOut], 401: ErrorOut, 422: ErrorOut},
     summary="List stored sessions",
-    description="Newest first; filter by status, provider and model; `page` and `page_size` paginate.",
+    description=(
+        "Newest first; filter by status, provider and model; `page` and `page_size` paginate."
+    ),
 )
 @paginate(SessionPages, page_size=50, max_page_size=100)
 async def list_sessions(request: HttpRequest, filters: Query[SessionFilters]) -> QuerySet[Session]:

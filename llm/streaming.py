@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable
 from typing import Any
 
 import orjson
@@ -136,7 +136,10 @@ def raise_for_error(payload: dict[str, Any], *, provider: str | None = None) -> 
 
 
 def parse_usage(value: Any) -> Usage | None:
-    """The upstream's own token counts, when it sent them (and they are counts: none negative or absurd)."""
+    """The upstream's own token counts, when it sent them.
+
+    And when they are counts: none negative or absurd.
+    """
     if not isinstance(value, dict):
         return None
     try:
@@ -177,7 +180,7 @@ async def coalesce_chunks(
     *,
     max_chars: int = 2048,
     max_delay: float = 0.01,
-) -> AsyncIterator[StreamChunk]:
+) -> AsyncGenerator[StreamChunk, None]:
     """Merge pieces so a fast upstream yields at most one piece per `max_delay` seconds.
 
     The first piece, and any piece arriving `max_delay` after the last one yielded, goes out at
@@ -272,7 +275,7 @@ def _merge(pieces: list[StreamChunk]) -> StreamChunk:
 
 async def bounded_stream(
     chunks: AsyncIterable[StreamChunk], *, max_tokens: int, prompt_tokens: int = 0
-) -> AsyncIterator[StreamChunk]:
+) -> AsyncGenerator[StreamChunk, None]:
     """Pass pieces through until `max_tokens` tokens, then close `chunks` and finish `length`.
 
     A safety net for upstreams that ignore `max_tokens`; a piece holding several tokens is cut

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
+
+if TYPE_CHECKING:
+    from .frames import TriedProvider, UsageFrame
+    from .structured import ResponseFormat
 
 Role = Literal["system", "user", "assistant"]
 
@@ -21,6 +25,7 @@ class ChatRequest:
     model: str | None = None
     max_tokens: int | None = None
     temperature: float | None = None
+    response_format: ResponseFormat | None = None  # the reply must follow this JSON Schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +37,14 @@ class Usage:
 
     def as_dict(self) -> dict[str, int | bool]:
         return asdict(self)
+
+    def as_frame(self) -> UsageFrame:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+            "estimated": self.estimated,
+        }
 
     @classmethod
     def estimate(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
@@ -71,6 +84,42 @@ class Completion:
     content: str
     finish_reason: str
     usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedReply:
+    """A reply as it ended: what the pipeline hands to storage (`close_session` reads only this)."""
+
+    session_id: str
+    status: str  # completed, cancelled or failed
+    provider: str
+    model: str
+    text: str
+    finish_reason: str
+    usage: Usage | None
+    error_code: str
+    error_message: str
+    created_at: float
+    first_token_at: float | None
+    finished_at: float
+    tried: tuple[TriedProvider, ...] = ()
+    response_format: dict[str, Any] | None = None  # as asked, in OpenAI's shape
+    output: Any = None  # the reply parsed, when it followed the schema
+
+    @property
+    def ttft_ms(self) -> float | None:
+        if self.first_token_at is None:
+            return None
+        return round((self.first_token_at - self.created_at) * 1000, 1)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Completion tokens over the time from the first token to the end."""
+        if self.first_token_at is None or self.usage is None:
+            return None
+        if self.finished_at <= self.first_token_at:
+            return None
+        return round(self.usage.completion_tokens / (self.finished_at - self.first_token_at), 1)
 
 
 @dataclass(slots=True)

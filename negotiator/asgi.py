@@ -1,7 +1,9 @@
 """ASGI entry point: HTTP through Django, WebSockets through Channels (served by daphne).
 
-Bad LLM settings stop the server here with their system-check ids, not a traceback. Start-up
-and shutdown work (`negotiator.lifecycle`) runs before the first request and as the server stops.
+Bad LLM settings, and a private name of another package that the code patches and the installed
+version lacks (negotiator.E001), stop the server here with their system-check ids, not a
+traceback. Start-up and shutdown work (`negotiator.lifecycle`) runs before the first request
+and as the server stops.
 """
 
 import os
@@ -13,29 +15,32 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "negotiator.settings")
 
 django_asgi_app = get_asgi_application()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-
 from llm.checks import format_errors, run_llm_checks  # noqa: E402
-from llm.routing import websocket_urlpatterns  # noqa: E402
+
+# Before the modules that patch other packages' internals are imported: a private name they rely
+# on that is gone stops the server here with negotiator.E001, not with a traceback.
+_problems = format_errors(run_llm_checks())
+if _problems:
+    print(f"Negotiator cannot start: fix these first.\n{_problems}", file=sys.stderr)
+    raise SystemExit(1)
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter  # noqa: E402
+
 from llm.security import HostsAndCorsOriginValidator  # noqa: E402
 
 from . import websocket_server  # noqa: E402
 from .lifecycle import StartUp, attach_to_daphne  # noqa: E402
+from .routing import WebSocketRouter, websocket_urlpatterns  # noqa: E402
 
 websocket_server.install()
-
-_problems = format_errors(run_llm_checks())
-if _problems:
-    print(f"Negotiator cannot start: fix these settings first.\n{_problems}", file=sys.stderr)
-    raise SystemExit(1)
 
 application = StartUp(
     ProtocolTypeRouter(
         {
             "http": django_asgi_app,
             "websocket": HostsAndCorsOriginValidator(
-                AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+                AuthMiddlewareStack(WebSocketRouter(websocket_urlpatterns))
             ),
         }
     )

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import warnings
 from pathlib import Path
+from typing import Any
 
 import environ
 
@@ -204,6 +205,8 @@ LLM = {
                 "base_url": env.str("LM_STUDIO_BASE_URL", default="http://localhost:1234/v1"),
                 "default_model": env.str("LM_STUDIO_DEFAULT_MODEL", default=""),
                 "read_timeout": _TIMEOUT,
+                # auto: the form of `response_format` the server takes is found by asking.
+                "response_format": env.str("LM_STUDIO_RESPONSE_FORMAT", default="auto").strip(),
             },
         },
         "openrouter": {
@@ -240,7 +243,7 @@ LOG_DIR = env.str("LOG_DIR", default="")
 # What logging runs with while a bad LOG_LEVEL / LOG_DIR waits for `llm.E008` to report it.
 _log_level = LOG_LEVEL if LOG_LEVEL in logging.getLevelNamesMapping() else "INFO"
 
-LOGGING = {
+LOGGING: dict[str, Any] = {
     "version": 1,
     "disable_existing_loggers": False,
     "filters": {"redact_secrets": {"()": "negotiator.logging.RedactSecrets"}},

@@ -110,7 +110,10 @@ def smollm2_server() -> Iterator[str]:
 
 @pytest.fixture
 def smollm2(smollm2_server: str, llm_config: Callable[..., dict[str, Any]]) -> str:
-    """LLM settings pointed at the real SmolLM2 server (its first listed model, as in production)."""
+    """LLM settings pointed at the real SmolLM2 server.
+
+    Its first listed model, as in production.
+    """
     llm_config(
         lm_studio={"base_url": smollm2_server, "default_model": "", "read_timeout": 30},
         idle_timeout=30,
@@ -121,8 +124,11 @@ def smollm2(smollm2_server: str, llm_config: Callable[..., dict[str, Any]]) -> s
 
 @pytest.fixture
 async def upstream(llm_config: Callable[..., dict[str, Any]]) -> Any:
-    """A real-socket fake upstream (tests/fake_upstream.py), selected as the lm_studio provider."""
-    from tests.fake_upstream import FakeUpstream
+    """A real-socket fake upstream, selected as the lm_studio provider.
+
+    See testkit/fake_upstream.py.
+    """
+    from testkit.fake_upstream import FakeUpstream
 
     fake = FakeUpstream()
     url = await fake.start()

@@ -3,7 +3,8 @@
 It knows HTTP and the OpenAI wire format and nothing of Django's database, sockets or sessions:
 retries with backoff before the first token, timeouts (connect, read, and idle between tokens),
 SSE parsing (`llm.streaming.SSEDataReader`, held to httpx-sse's output), error mapping onto
-`llm.exceptions`, and one pooled `httpx.AsyncClient` per event loop. Subclasses set headers, payload extras and `check_enabled`.
+`llm.exceptions`, and one pooled `httpx.AsyncClient` per event loop. Subclasses set headers,
+payload extras and `check_enabled`.
 """
 
 from __future__ import annotations
@@ -12,16 +13,22 @@ import asyncio
 import logging
 import re
 import time
-import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import orjson
 
-from ..exceptions import BadGateway, LLMError, UpstreamTimeout, UpstreamUnavailable
+from ..exceptions import (
+    BadGateway,
+    LLMError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from ..idle import IdleTimer
+from ..loops import PerLoop
 from ..retries import backoff_delay
 from ..streaming import (
     SSEDataReader,
@@ -32,6 +39,7 @@ from ..streaming import (
     raise_for_error,
     storable,
 )
+from ..structured import FORMS, Form, known_form, remember_form
 from ..types import ChatRequest, Completion, PingResult, StreamChunk, Usage
 from .errors import status_error, transport_error
 from .network import closing_stream, upstream_transport
@@ -46,7 +54,8 @@ SECRET_SHAPES = re.compile(r"(?i)\bbearer\s+\S+|\bsk-[a-z0-9][a-z0-9_-]{7,}")
 
 
 class OpenAICompatibleProvider:
-    """A chat-completions server reached over HTTP at `base_url` (`/models`, `/chat/completions`)."""
+    """A chat-completions server reached over HTTP at `base_url` (`/models`,
+    `/chat/completions`)."""
 
     def __init__(
         self,
@@ -66,6 +75,7 @@ class OpenAICompatibleProvider:
         max_connections: int = 20,
         max_keepalive: int = 10,
         max_tokens: int = 1024,
+        response_format: str = "auto",
     ) -> None:
         self.alias = alias
         self.base_url = base_url.rstrip("/")
@@ -81,10 +91,12 @@ class OpenAICompatibleProvider:
         self.max_connections = int(max_connections)
         self.max_keepalive = int(max_keepalive)
         self.max_tokens = int(max_tokens)
+        # The form of `response_format` this server takes: "json_schema" (OpenAI's),
+        # "json_object" (llama-cpp-python's), or "auto": as remembered, else found by asking.
+        self.response_format = response_format
         self._api_key = api_key
-        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
-            weakref.WeakKeyDictionary()
-        )
+        # httpx clients cannot cross event loops.
+        self._clients = PerLoop(self._new_client, usable=lambda client: not client.is_closed)
         self._resolved_model: str | None = None
         self._resolved_at = 0.0
 
@@ -111,51 +123,59 @@ class OpenAICompatibleProvider:
         }
         if request.temperature is not None:
             payload["temperature"] = request.temperature
+        if request.response_format is not None:
+            payload["response_format"] = request.response_format.in_form(self.structured_form())
         if stream:
             payload["stream_options"] = {"include_usage": True}
         return payload
+
+    def structured_form(self) -> Form:
+        """The form of `response_format` to send: as configured, else as found for this server."""
+        for form in FORMS:
+            if self.response_format == form:
+                return form
+        return known_form(self.base_url) or FORMS[0]
 
     # Client --------------------------------------------------------------------------------
 
     @property
     def client(self) -> httpx.AsyncClient:
-        """The pooled client of the running event loop (httpx clients cannot cross loops)."""
-        loop = asyncio.get_running_loop()
-        client = self._clients.get(loop)
-        if client is None or client.is_closed:
-            client = self._clients[loop] = httpx.AsyncClient(
-                base_url=self.base_url + "/",
-                # A stream holds its connection to the end, so waiting for a free one is queueing
-                # behind other streams (up to LLM_MAX_CONNECTIONS), bounded like a read.
-                timeout=httpx.Timeout(
-                    connect=self.connect_timeout,
-                    read=self.read_timeout,
-                    write=self.read_timeout,
-                    pool=self.read_timeout,
+        """The pooled client of the running event loop."""
+        return self._clients.get()
+
+    def _new_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.base_url + "/",
+            # A stream holds its connection to the end, so waiting for a free one is queueing
+            # behind other streams (up to LLM_MAX_CONNECTIONS), bounded like a read.
+            timeout=httpx.Timeout(
+                connect=self.connect_timeout,
+                read=self.read_timeout,
+                write=self.read_timeout,
+                pool=self.read_timeout,
+            ),
+            transport=upstream_transport(
+                self.base_url,
+                httpx.Limits(
+                    max_connections=self.max_connections,
+                    max_keepalive_connections=self.max_keepalive,
                 ),
-                transport=upstream_transport(
-                    self.base_url,
-                    httpx.Limits(
-                        max_connections=self.max_connections,
-                        max_keepalive_connections=self.max_keepalive,
-                    ),
-                ),
-                headers=self.get_headers(),
-                follow_redirects=False,
-            )
-        return client
+            ),
+            headers=self.get_headers(),
+            follow_redirects=False,
+        )
 
     async def aclose(self) -> None:
         """Close the current event loop's client."""
-        loop = asyncio.get_running_loop()
-        client = self._clients.pop(loop, None)
+        client = self._clients.pop()
         if client is not None:
             await client.aclose()
 
     # Public API ----------------------------------------------------------------------------
 
     async def ping(self) -> PingResult:
-        """List the models once, without retries, within `ping_timeout`; never raises an `LLMError`."""
+        """List the models once, without retries, within `ping_timeout`; never raises an
+        `LLMError`."""
         started = time.perf_counter()
         try:
             self.check_enabled()
@@ -195,11 +215,18 @@ class OpenAICompatibleProvider:
         self.check_enabled()
         model = await self.resolve_model(request.model)
         payload = self.build_payload(request, model, stream=False)
-        body = self._json(await self._send("POST", "chat/completions", model=model, json=payload))
+        try:
+            response = await self._send("POST", "chat/completions", model=model, json=payload)
+        except LLMError as exc:
+            if not self._form_refused(exc, payload):
+                raise
+            self._switch_form(request, payload)
+            response = await self._send("POST", "chat/completions", model=model, json=payload)
+        body = self._json(response)
         try:
             raise_for_error(body, provider=self.alias)
         except LLMError as exc:
-            raise self._redacted(exc)
+            raise self._redacted(exc) from exc.__cause__
         try:
             choice = body["choices"][0]
             content = storable(choice["message"].get("content")) or ""
@@ -218,7 +245,7 @@ class OpenAICompatibleProvider:
             usage=usage,
         )
 
-    async def stream(self, request: ChatRequest) -> AsyncIterator[StreamChunk]:
+    async def stream(self, request: ChatRequest) -> AsyncGenerator[StreamChunk, None]:
         """Stream a completion: text pieces, then one last piece with finish reason and usage.
 
         Failures before the first text piece are retried like any request; after it they go to
@@ -229,6 +256,7 @@ class OpenAICompatibleProvider:
         payload = self.build_payload(request, model, stream=True)
         prompt_tokens = estimate_prompt_tokens(request.messages)
         attempt = 0
+        switched = False
         while True:
             delivered = False
             try:
@@ -243,10 +271,38 @@ class OpenAICompatibleProvider:
                 self._redacted(exc)
                 if delivered:
                     raise
+                if not switched and self._form_refused(exc, payload):
+                    switched = True
+                    self._switch_form(request, payload)
+                    continue  # at once, and not counted as a retry: it is another request
                 await self._before_retry(exc, attempt, retries=self.max_retries)
             attempt += 1
 
     # Internals -----------------------------------------------------------------------------
+
+    def _form_refused(self, exc: LLMError, payload: dict[str, Any]) -> bool:
+        """Whether `exc` is the server refusing the form of `response_format` it was sent (so the
+        other form may work): only when the form is not configured, and the refusal names it."""
+        return (
+            "response_format" in payload
+            and self.response_format not in FORMS
+            and isinstance(exc, UpstreamRejected | UpstreamUnavailable)
+            and "response_format" in exc.message
+        )
+
+    def _switch_form(self, request: ChatRequest, payload: dict[str, Any]) -> None:
+        """Ask in the other form from now on, for this server (remembered by base URL)."""
+        assert request.response_format is not None
+        refused = payload["response_format"]["type"]
+        form = next(form for form in FORMS if form != refused)
+        payload["response_format"] = request.response_format.in_form(form)
+        remember_form(self.base_url, form)
+        logger.info(
+            "provider=%s refused response_format %s; asking as %s from now on",
+            self.alias,
+            refused,
+            form,
+        )
 
     async def _list_models(self, *, retries: int) -> list[str]:
         body = self._json(await self._send("GET", "models", retries=retries))
@@ -276,13 +332,16 @@ class OpenAICompatibleProvider:
                 if response.status_code < 400:
                     return response
                 error = status_error(self, response)
+                if self._form_refused(error, kwargs.get("json") or {}):
+                    raise error  # not retried: the caller asks again in the other form
             await self._before_retry(error, attempt, retries=retries, cause=cause)
             attempt += 1
 
     async def _stream_once(
         self, payload: dict[str, Any], model: str, attempt: int, prompt_tokens: int
-    ) -> AsyncIterator[StreamChunk]:
-        """One streaming request: text pieces, then the closing piece; errors mapped, not retried."""
+    ) -> AsyncGenerator[StreamChunk, None]:
+        """One streaming request: text pieces, then the closing piece; errors mapped, not
+        retried."""
         started = time.perf_counter()
         status: int | str = "-"
         outcome = "ok"
@@ -305,7 +364,8 @@ class OpenAICompatibleProvider:
                     )
                 # All the tokens one read brings go on as one piece (they arrived together).
                 events = SSEDataReader()
-                reads = response.aiter_bytes()
+                # An async generator, typed by httpx only as an iterator (we close it).
+                reads = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
                 network = response.extensions.get("network_stream")
                 idle = IdleTimer(self.idle_timeout, getattr(network, "has_data", None))
                 ended = False

@@ -21,7 +21,11 @@ if TYPE_CHECKING:
 
 
 def status_error(provider: OpenAICompatibleProvider, response: httpx.Response) -> LLMError:
-    """408 and timeouts are LLM_TIMEOUT, 429 and 5xx LLM_UNAVAILABLE (retried), other 4xx LLM_BAD_REQUEST."""
+    """The error for an upstream's HTTP error status.
+
+    408 and timeouts are LLM_TIMEOUT, 429 and 5xx LLM_UNAVAILABLE (retried), other 4xx
+    LLM_BAD_REQUEST.
+    """
     status = response.status_code
     detail = provider.redact(error_detail(response))[:300]
     message = f"{provider.alias} answered HTTP {status}" + (f": {detail}" if detail else "")
@@ -41,7 +45,9 @@ def transport_error(
     alias = provider.alias
     if isinstance(exc, httpx.TimeoutException):
         kind = {
-            httpx.ConnectTimeout: f"connect within {provider.connect_timeout:g} s (LLM_CONNECT_TIMEOUT)",
+            httpx.ConnectTimeout: (
+                f"connect within {provider.connect_timeout:g} s (LLM_CONNECT_TIMEOUT)"
+            ),
             httpx.PoolTimeout: (
                 f"free one of its {provider.max_connections} connections (LLM_MAX_CONNECTIONS) "
                 f"within {provider.read_timeout:g} s"

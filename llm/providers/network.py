@@ -18,8 +18,38 @@ from typing import Any
 
 import httpcore
 import httpx
-from httpcore._utils import is_socket_readable
-from httpx._utils import URLPattern, get_environment_proxies  # httpx's own reading of *_PROXY
+
+# Private modules are reached at call time, not imported here: a release that lacks one of their
+# names then stops the server with negotiator.E001 (which reads PRIVATE_NAMES below before this
+# module is imported anywhere), never with an ImportError from this line.
+
+# The private names of other packages this module relies on: (distribution, dotted name). Checked
+# at start by negotiator/internals.py (system check negotiator.E001) and by
+# tests/negotiator/test_internals.py; keep it a literal, it is read from this file, not imported.
+# "Class().name" is an attribute only instances have: looked up on a throwaway instance built
+# without I/O.
+PRIVATE_NAMES = (
+    # AsyncioStream.has_data: what the stream reader holds, then httpcore's probe of the socket.
+    ("Python", "asyncio.StreamReader()._buffer"),
+    ("httpcore", "httpcore._utils.is_socket_readable"),
+    # _ReclaimOrphans: the pool's hook, its lists, and the connection a waiting request was given.
+    ("httpcore", "httpcore.AsyncConnectionPool._assign_requests_to_connections"),
+    ("httpcore", "httpcore.AsyncConnectionPool()._requests"),
+    ("httpcore", "httpcore.AsyncConnectionPool()._connections"),
+    ("httpcore", "httpcore._async.connection_pool.AsyncPoolRequest().connection"),
+    # asyncio_transport: the pool httpx builds, and the options it was built with.
+    ("httpx", "httpx.AsyncHTTPTransport()._pool"),
+    ("httpcore", "httpcore.AsyncConnectionPool()._ssl_context"),
+    ("httpcore", "httpcore.AsyncHTTPProxy()._ssl_context"),
+    ("httpcore", "httpcore.AsyncHTTPProxy()._proxy_url"),
+    ("httpcore", "httpcore.AsyncHTTPProxy()._proxy_headers"),
+    ("httpcore", "httpcore.AsyncHTTPProxy()._proxy_ssl_context"),
+    # environment_proxy: httpx's reading of *_PROXY and its patterns (sorted, so their __lt__).
+    ("httpx", "httpx._utils.get_environment_proxies"),
+    ("httpx", "httpx._utils.URLPattern"),
+    ("httpx", "httpx._utils.URLPattern.matches"),
+    ("httpx", "httpx._utils.URLPattern.__lt__"),
+)
 
 
 class AsyncioStream(httpcore.AsyncNetworkStream):
@@ -74,10 +104,11 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
 
     def has_data(self) -> bool:
         """Whether bytes, or the end of the stream, wait to be read (here or in the socket)."""
-        if self._reader._buffer or self._reader.at_eof():  # read off the socket, not yet taken
+        # Read off the socket, not yet taken. typeshed leaves out StreamReader's private buffer.
+        if self._reader._buffer or self._reader.at_eof():  # type: ignore[attr-defined]
             return True
         sock = self._writer.get_extra_info("socket")
-        return sock is not None and is_socket_readable(sock)
+        return sock is not None and _is_socket_readable(sock)
 
     def get_extra_info(self, info: str) -> Any:
         if info == "ssl_object":
@@ -94,7 +125,7 @@ class AsyncioStream(httpcore.AsyncNetworkStream):
             if self._reader.at_eof() or self._writer.transport.is_closing():
                 return True
             sock = self._writer.get_extra_info("socket")
-            return sock is not None and is_socket_readable(sock)
+            return sock is not None and _is_socket_readable(sock)
         return None
 
 
@@ -236,5 +267,14 @@ def environment_proxy(url: str) -> str | None:
     target = httpx.URL(url)
     if target.host in LOOPBACK or target.host.startswith("127."):
         return None
+    from httpx._utils import URLPattern, get_environment_proxies  # httpx's reading of *_PROXY
+
     mounts = sorted((URLPattern(key), proxy) for key, proxy in get_environment_proxies().items())
     return next((proxy for pattern, proxy in mounts if pattern.matches(target)), None)
+
+
+def _is_socket_readable(sock: socket.socket) -> bool:
+    """httpcore's own test: whether the socket has bytes, or the end of the stream, to read."""
+    from httpcore._utils import is_socket_readable
+
+    return bool(is_socket_readable(sock))

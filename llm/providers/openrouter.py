@@ -22,6 +22,8 @@ class OpenRouterProvider(OpenAICompatibleProvider):
     ) -> None:
         self.site_url = site_url
         self.app_name = app_name
+        # OpenRouter takes OpenAI's form for every model it routes to.
+        config.setdefault("response_format", "json_schema")
         super().__init__(alias, **config)
 
     def check_enabled(self) -> None:
@@ -46,4 +48,7 @@ class OpenRouterProvider(OpenAICompatibleProvider):
     def build_payload(self, request: ChatRequest, model: str, *, stream: bool) -> dict[str, Any]:
         payload = super().build_payload(request, model, stream=stream)
         payload["usage"] = {"include": True}
+        if "response_format" in payload:
+            # Only to the models' providers that honour the schema, never silently ignored.
+            payload["provider"] = {"require_parameters": True}
         return payload

@@ -1,4 +1,5 @@
-"""`GET /api/v1/health` (healthy / degraded / unhealthy, bounded probes) and `GET /api/v1/llm/status`."""
+"""`GET /api/v1/health` (healthy / degraded / unhealthy, bounded probes) and
+`GET /api/v1/llm/status`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Stored sessions in Django admin (issue 3, item 8): read-only, filterable, searchable, no secret."""
+"""Stored sessions in Django admin (issue 3, item 8).
+
+Read-only, filterable, searchable, no secret.
+"""
 
 from __future__ import annotations
 
@@ -304,3 +307,12 @@ def test_openrouter_key_appears_on_no_admin_page(
         assert response.status_code == 200, page
         assert SECRET.encode() not in response.content, page
         assert b"SECRET123" not in response.content, page
+
+
+def test_the_index_names_them_llm_sessions_not_djangos_sessions(staff: Client) -> None:
+    """Django's own login sessions are "Sessions" too: ours must not be mistaken for them."""
+    page = staff.get("/admin/").content.decode()
+    assert ">LLM sessions<" in page and ">LLM messages<" in page, page
+    assert ">Sessions<" not in page
+    title = staff.get("/admin/llm/session/").content.decode()
+    assert "Select LLM session to view" in title

@@ -1,4 +1,5 @@
-"""`POST /api/v1/llm/generate`: JSON and SSE replies, upstream failures mapped to statuses, client errors.
+"""`POST /api/v1/llm/generate`: JSON and SSE replies, upstream failures mapped to statuses, client
+errors.
 
 The pipeline always streams from the upstream (even for `"stream": false`), so the fake upstream
 answers `/chat/completions` with SSE bodies.

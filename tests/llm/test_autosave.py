@@ -1,4 +1,7 @@
-"""`llm.autosave`: one saver per event loop, which never loses a tracked reply nor shortens a stored one."""
+"""`llm.autosave`: one saver per event loop.
+
+It never loses a tracked reply nor shortens a stored one.
+"""
 
 from __future__ import annotations
 

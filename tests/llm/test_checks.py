@@ -30,6 +30,7 @@ from llm.checks import (
     check_openrouter_key,
     check_provider,
     check_proxies,
+    check_response_format,
     run_llm_checks,
 )
 
@@ -73,7 +74,8 @@ def test_checks_are_registered_with_the_llm_tag() -> None:
     registered = checks.registry.registry.get_checks()
     for check in (check_provider, check_base_urls, check_numbers, check_openrouter_key):
         assert check in registered
-        assert "llm" in check.tags
+        # `register()` sets the attribute on the function at run time.
+        assert "llm" in check.tags  # type: ignore[attr-defined]
     assert "llm" in checks.registry.registry.tags_available()
 
 
@@ -175,6 +177,21 @@ def test_local_model_valid(settings: Any, value: str) -> None:
     assert check_provider() == []
 
 
+@pytest.mark.parametrize("value", ["json-object", "JSON_SCHEMA", "", "grammar"])
+def test_e012_response_format(llm_config: Config, value: str) -> None:
+    """A typo must not silently mean "auto"."""
+    llm_config(lm_studio={"response_format": value})
+    [error] = check_response_format()
+    assert error.id == "llm.E012" and error.msg == f"LM_STUDIO_RESPONSE_FORMAT is {value!r}."
+    assert "json_object (llama-cpp-python)" in (error.hint or "")
+
+
+@pytest.mark.parametrize("value", ["auto", "json_schema", "json_object"])
+def test_response_format_valid(llm_config: Config, value: str) -> None:
+    llm_config(lm_studio={"response_format": value})
+    assert check_response_format() == []
+
+
 # llm.E002: base URLs ----------------------------------------------------------------------------
 
 
@@ -260,7 +277,8 @@ def test_e003_exact_messages(llm_config: Config) -> None:
     assert check_numbers() == [
         Error(
             "LLM_CONNECT_TIMEOUT is 0; it must be a number greater than 0.",
-            hint="Set LLM_CONNECT_TIMEOUT to a number greater than 0, or unset it to use the default.",
+            hint="Set LLM_CONNECT_TIMEOUT to a number greater than 0, "
+            "or unset it to use the default.",
             id="llm.E003",
         )
     ]
@@ -268,7 +286,8 @@ def test_e003_exact_messages(llm_config: Config) -> None:
     assert check_numbers() == [
         Error(
             "LLM_MAX_RETRIES is -1; it must be a whole number at least 0.",
-            hint="Set LLM_MAX_RETRIES to a whole number at least 0, or unset it to use the default.",
+            hint="Set LLM_MAX_RETRIES to a whole number at least 0, "
+            "or unset it to use the default.",
             id="llm.E003",
         )
     ]
@@ -276,7 +295,8 @@ def test_e003_exact_messages(llm_config: Config) -> None:
     assert check_numbers() == [
         Error(
             "LLM_STREAM_IDLE_TIMEOUT is 'abc'; it must be a number greater than 0.",
-            hint="Set LLM_STREAM_IDLE_TIMEOUT to a number greater than 0, or unset it to use the default.",
+            hint="Set LLM_STREAM_IDLE_TIMEOUT to a number greater than 0, "
+            "or unset it to use the default.",
             id="llm.E003",
         )
     ]
@@ -580,10 +600,10 @@ def test_e010_proxy_of_an_unknown_scheme(
     no_proxy_env.setenv("HTTP_PROXY", "ftp://proxy.example.com:21")
     assert check_proxies() == [
         Error(
-            "The proxy for provider 'lm_studio', 'ftp://proxy.example.com:21' (HTTPS_PROXY, HTTP_PROXY or "
-            "ALL_PROXY), is not an http, https or socks5 URL.",
-            hint="Set it to a URL like http://proxy.example.com:3128 (for SOCKS, install httpx[socks]), "
-            "or list the provider's host in NO_PROXY.",
+            "The proxy for provider 'lm_studio', 'ftp://proxy.example.com:21' "
+            "(HTTPS_PROXY, HTTP_PROXY or ALL_PROXY), is not an http, https or socks5 URL.",
+            hint="Set it to a URL like http://proxy.example.com:3128 "
+            "(for SOCKS, install httpx[socks]), or list the provider's host in NO_PROXY.",
             id="llm.E010",
         )
     ]
@@ -619,10 +639,10 @@ def test_e011_database_url(settings: Any) -> None:
     settings.DATABASE_URL_PROBLEM = "it is neither a postgres:// nor a sqlite:// URL"
     assert check_database_url() == [
         Error(
-            "DATABASE_URL is not a database URL this project can use: it is neither a postgres:// nor a "
-            "sqlite:// URL.",
-            hint="Set DATABASE_URL to postgres://user:password@host:5432/name or sqlite:///path/to/db.sqlite3, "
-            "or unset it for the SQLite file beside manage.py.",
+            "DATABASE_URL is not a database URL this project can use: "
+            "it is neither a postgres:// nor a sqlite:// URL.",
+            hint="Set DATABASE_URL to postgres://user:password@host:5432/name "
+            "or sqlite:///path/to/db.sqlite3, or unset it for the SQLite file beside manage.py.",
             id="llm.E011",
         )
     ]

@@ -1,7 +1,8 @@
-"""`/ws/llm/stream/`: frame sequences, coalescing, cancel (frame and close), busy, bad input, faults,
-continuation. Against the real ASGI `application` and a real-socket fake upstream.
+"""`/ws/llm/stream/`: frame sequences, coalescing, cancel (frame and close), busy, bad input,
+faults, continuation. Against the real ASGI `application` and a real-socket fake upstream.
 
-Watching is in test_consumers_watch.py; origin, token auth and rate limit in test_consumers_access.py.
+Watching is in test_consumers_watch.py; origin, token auth and rate limit in
+test_consumers_access.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.fake_upstream import FakeUpstream, Reply
+from testkit.fake_upstream import FakeUpstream, Reply
 from tests.llm.ws_client import (
     HELLO_REPLY,
     all_sessions,
@@ -277,7 +278,7 @@ BAD_FRAMES = [
     ),
     (
         "model-too-long",
-        '{"type": "generate", "messages": [%s], "model": "%s"}' % ("%s", "m" * 256),
+        '{"type": "generate", "messages": [%s], "model": "' + "m" * 256 + '"}',
         "INVALID_REQUEST",
         ["model", "255"],
     ),
@@ -492,7 +493,7 @@ async def test_generate_with_session_id_continues_the_stored_conversation(
         {"role": "assistant", "content": HELLO_REPLY},
         turn,
     ]
-    session, messages = await wait_for_status(session_id, "completed")
+    _session, messages = await wait_for_status(session_id, "completed")
     assert messages == [
         ("user", "Hi"),
         ("assistant", HELLO_REPLY),
@@ -517,7 +518,7 @@ async def test_continuing_a_session_that_is_streaming_is_refused(upstream: FakeU
     frames_a = [start] + await until_end(a)
     assert_sequence(frames_a)
     assert text_of(frames_a) == "".join(tokens(20))
-    session, messages = await wait_for_status(start["session_id"], "completed")
+    _session, messages = await wait_for_status(start["session_id"], "completed")
     assert messages == [("user", "Hi"), ("assistant", "".join(tokens(20)))]
     await a.disconnect()
     await b.disconnect()

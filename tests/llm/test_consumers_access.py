@@ -1,4 +1,7 @@
-"""Who may open `/ws/llm/stream/` and how often it may generate: origin check, API_TOKEN, rate limit."""
+"""Who may open `/ws/llm/stream/` and how often it may generate.
+
+Origin check, API_TOKEN, rate limit.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from django.test import Client
 from llm.routing import websocket_urlpatterns
 from llm.security import HostsAndCorsOriginValidator
 from negotiator.asgi import application
-from tests.fake_upstream import FakeUpstream
+from testkit.fake_upstream import FakeUpstream
 from tests.llm.ws_client import PATH, TIMEOUT, generate, generate_ok, open_socket, recv, try_connect
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_clients")]

@@ -13,7 +13,7 @@ from channels.layers import get_channel_layer
 
 from llm.broadcast import control_group, frames_group
 from llm.models import Message, Session
-from tests.fake_upstream import FakeUpstream, Reply
+from testkit.fake_upstream import FakeUpstream, Reply
 from tests.llm.ws_client import (
     HELLO_REPLY,
     assert_sequence,

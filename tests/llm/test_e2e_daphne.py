@@ -10,9 +10,10 @@ from typing import Any
 import httpx
 import pytest
 import websockets
+from websockets.typing import Origin
 
-from tests import servers
-from tests.servers import project_env
+from testkit import servers
+from testkit.servers import project_env
 
 pytestmark = pytest.mark.smollm2
 
@@ -44,7 +45,7 @@ GENERATE = {"type": "generate", "messages": [{"role": "user", "content": "Tell m
 
 
 async def test_real_socket_streams_a_real_reply_and_stores_it(daphne: str) -> None:
-    async with websockets.connect(ws_url(daphne), origin="http://localhost") as ws:
+    async with websockets.connect(ws_url(daphne), origin=Origin("http://localhost")) as ws:
         await ws.send(json.dumps(GENERATE))
         frames = await frames_until_end(ws)
     start, *tokens, done = frames

@@ -14,7 +14,7 @@ from django.test import AsyncClient
 
 from llm.local_model import free_port
 from llm.providers import providers
-from tests.fake_upstream import FakeUpstream, Reply
+from testkit.fake_upstream import FakeUpstream, Reply
 
 from .ws_client import assert_sequence, generate, open_socket, session_row, text_of, until_end
 

@@ -1,4 +1,6 @@
-"""`POST /api/v1/llm/generate` closes its upstream request when the HTTP client leaves (issue 3, item 3).
+"""`POST /api/v1/llm/generate` closes its upstream request when the HTTP client leaves.
+
+Issue 3, item 3.
 
 Streaming or not, the upstream sees its client go within 1 s and the session is stored as
 `cancelled` with the text generated so far. The ASGI app is driven directly, so the test can send
@@ -16,7 +18,7 @@ import pytest
 from asgiref.testing import ApplicationCommunicator
 
 from llm.models import Message, Session
-from tests.fake_upstream import Reply
+from testkit.fake_upstream import Reply
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_clients")]
 

@@ -31,7 +31,7 @@ from llm.models import Message, Session
 from llm.providers import get_provider
 from llm.streaming import cancel_and_wait
 from llm.types import ChatRequest
-from tests.fake_upstream import FakeUpstream, Reply
+from testkit.fake_upstream import FakeUpstream, Reply
 from tests.llm.ws_client import (
     HI,
     generate,
@@ -304,8 +304,8 @@ async def test_worker_id_tells_a_restart_with_the_same_pid_from_this_process() -
     assert (host, pid) == (socket.gethostname(), str(os.getpid()))
     assert boot
     earlier = f"{host}:{pid}:{'x' * len(boot)}"  # this pid, another start (ids are hex)
-    assert llm.sessions._alive(llm.sessions.worker_id())
-    assert not llm.sessions._alive(earlier)
+    assert llm.sessions.worker_alive(llm.sessions.worker_id())
+    assert not llm.sessions.worker_alive(earlier)
 
     ours = await Session.objects.acreate(
         provider="lm_studio", status="streaming", worker=llm.sessions.worker_id()

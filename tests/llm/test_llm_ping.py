@@ -1,4 +1,7 @@
-"""`manage.py llm_ping [--provider NAME] [--json]`: exit 0 reachable, 1 with the error code, bad settings -> check id."""
+"""`manage.py llm_ping [--provider NAME] [--json]`.
+
+Exit 0 reachable, 1 with the error code, bad settings -> check id.
+"""
 
 from __future__ import annotations
 
@@ -63,7 +66,7 @@ def test_reachable_prints_provider_url_latency_and_models(
 
 def test_reachable_json(llm_config: Callable[..., Any], respx_mock: Any) -> None:
     respx_mock.get(f"{UPSTREAM}/models").respond(json=MODELS)
-    code, out, err = ping("--json")
+    code, out, _err = ping("--json")
     assert code == 0
     result = json.loads(out)
     assert result["reachable"] is True
@@ -351,7 +354,7 @@ def test_a_database_failure_is_reported_but_does_not_change_the_exit_code(
 @pytest.fixture
 def provider_up(tmp_path: Path) -> Any:
     """A fake upstream in its own process (a subprocess cannot see respx): its base URL."""
-    from tests import servers
+    from testkit import servers
 
     with servers.fake_upstream(tmp_path) as url:
         yield url

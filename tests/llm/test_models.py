@@ -6,7 +6,10 @@ from llm.models import Message, Session
 
 
 def test_messages_are_ordered_by_their_own_columns_without_a_join() -> None:
-    """Messages in order of session and position, read from the message table alone (admin lists them)."""
+    """Messages in order of session and position, read from the message table alone.
+
+    The admin lists them.
+    """
     query = str(Message.objects.all().query)
     assert "JOIN" not in query.upper(), query
     assert query.endswith(

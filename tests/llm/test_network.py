@@ -19,7 +19,10 @@ LIMITS = httpx.Limits(max_connections=5, max_keepalive_connections=5)
 
 
 class Server:
-    """A tiny HTTP/1.1 server: answers `GET /` with "hello", counts connections, can close idle ones."""
+    """A tiny HTTP/1.1 server.
+
+    It answers `GET /` with "hello", counts connections, can close idle ones.
+    """
 
     def __init__(self, *, answer: bool = True, keep_alive: bool = True) -> None:
         self.answer, self.keep_alive = answer, keep_alive

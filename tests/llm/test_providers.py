@@ -462,7 +462,9 @@ async def test_stream_events_split_across_reads(respx_mock: respx.MockRouter, lm
     assert error is None
     assert texts(received) == ["Hello", ", ", "wörld"]
     assert received[-1].finish_reason == "stop"
-    assert received[-1].usage.completion_tokens == 3 and received[-1].usage.estimated is False
+    usage = received[-1].usage
+    assert usage is not None
+    assert usage.completion_tokens == 3 and usage.estimated is False
 
 
 async def test_stream_stops_at_done(respx_mock: respx.MockRouter, lm) -> None:
@@ -482,12 +484,10 @@ async def test_stream_usage_chunk_after_finish_is_upstream_usage(
     assert error is None
     final = received[-1]
     assert final.finish_reason == "stop"
-    assert (final.usage.prompt_tokens, final.usage.completion_tokens, final.usage.total_tokens) == (
-        21,
-        2,
-        23,
-    )
-    assert final.usage.estimated is False
+    usage = final.usage
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (21, 2, 23)
+    assert usage.estimated is False
 
 
 async def test_stream_without_usage_is_estimated_from_chunks(
@@ -497,6 +497,7 @@ async def test_stream_without_usage_is_estimated_from_chunks(
     received, error = await run_stream(lm())
     assert error is None
     usage = received[-1].usage
+    assert usage is not None
     assert usage.estimated is True
     assert usage.completion_tokens == 4  # one per content chunk
     assert usage.prompt_tokens > 0
@@ -548,7 +549,7 @@ RETRIED = [
 ]
 
 
-def failing(failure: int | Exception) -> Callable[[httpx.Request], httpx.Response]:
+def failing(failure: int | httpx.RequestError) -> Callable[[httpx.Request], httpx.Response]:
     def side_effect(request: httpx.Request) -> httpx.Response:
         if isinstance(failure, Exception):
             raise type(failure)(str(failure), request=request)
@@ -569,7 +570,7 @@ async def call(provider: Any, method: str) -> None:
 @pytest.mark.parametrize("method", ["generate", "stream"])
 @pytest.mark.parametrize(("failure", "code"), RETRIED)
 async def test_retryable_failures_are_retried_then_mapped(
-    respx_mock: respx.MockRouter, lm, method: str, failure: int | Exception, code: str
+    respx_mock: respx.MockRouter, lm, method: str, failure: int | httpx.RequestError, code: str
 ) -> None:
     route = respx_mock.post(CHAT_URL).mock(side_effect=failing(failure))
     with pytest.raises(LLMError) as info:
@@ -626,7 +627,7 @@ async def test_stream_succeeds_after_a_503(respx_mock: respx.MockRouter, lm) -> 
     assert route.call_count == 2
 
 
-# Backoff and Retry-After ---------------------------------------------------------------------------
+# Backoff and Retry-After --------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -722,7 +723,7 @@ async def test_retry_after_over_the_maximum_fails_at_once(
     assert "120" in info.value.message
 
 
-# stream(): failures after the first token -----------------------------------------------------------
+# stream(): failures after the first token ---------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -849,7 +850,7 @@ async def test_generate_non_json_body_is_bad_gateway(respx_mock: respx.MockRoute
     assert route.call_count == 1
 
 
-# Timeouts ---------------------------------------------------------------------------------------------
+# Timeouts -----------------------------------------------------------------------------------------
 
 
 async def test_idle_timeout_is_not_reset_by_keep_alive_comments(
@@ -938,7 +939,7 @@ async def test_read_timeout_ends_a_stalled_stream_on_a_real_socket(lm) -> None:
     assert 0.25 <= elapsed < 2.0
 
 
-# Closing the upstream response -------------------------------------------------------------------------
+# Closing the upstream response --------------------------------------------------------------------
 
 
 async def test_stopping_early_closes_the_upstream_response(
@@ -978,7 +979,7 @@ async def test_failed_stream_closes_the_upstream_response(respx_mock: respx.Mock
     assert body.closed is True
 
 
-# ProviderManager -----------------------------------------------------------------------------------------
+# ProviderManager ----------------------------------------------------------------------------------
 
 
 def test_manager_returns_the_same_instance(llm_config) -> None:

@@ -71,7 +71,7 @@ def chain_text(exc: BaseException) -> str:
     return "\n".join(parts)
 
 
-# Headers and payload ------------------------------------------------------------------------------------
+# Headers and payload ------------------------------------------------------------------------------
 
 
 async def test_generate_sends_key_and_attribution_headers(
@@ -117,7 +117,7 @@ async def test_payload_asks_for_usage_accounting(
         assert payload["stream_options"] == {"include_usage": True}
 
 
-# Streams as OpenRouter sends them ------------------------------------------------------------------------
+# Streams as OpenRouter sends them -----------------------------------------------------------------
 
 
 async def test_processing_comments_ignored_and_usage_reported(
@@ -145,11 +145,9 @@ async def test_processing_comments_ignored_and_usage_reported(
     assert [c.text for c in received] == ["Hello", " you", ""]
     final = received[-1]
     assert final.finish_reason == "stop" and final.model == "anthropic/claude"
-    assert (final.usage.prompt_tokens, final.usage.completion_tokens, final.usage.estimated) == (
-        9,
-        2,
-        False,
-    )
+    usage = final.usage
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.estimated) == (9, 2, False)
 
 
 async def test_mid_stream_error_is_bad_gateway_with_upstream_message(
@@ -170,7 +168,7 @@ async def test_mid_stream_error_is_bad_gateway_with_upstream_message(
     assert route.call_count == 1
 
 
-# Disabled ------------------------------------------------------------------------------------------------
+# Disabled -----------------------------------------------------------------------------------------
 
 
 async def _every_entry_point(provider: OpenRouterProvider) -> list[tuple[str, str]]:
@@ -188,7 +186,7 @@ async def _every_entry_point(provider: OpenRouterProvider) -> list[tuple[str, st
         except ProviderDisabled as exc:
             codes.append((name, exc.code))
     ping = await provider.ping()
-    assert ping.reachable is False
+    assert ping.reachable is False and ping.error is not None
     codes.append(("ping", ping.error["code"]))
     return codes
 
@@ -217,7 +215,7 @@ def test_disabled_error_is_provider_disabled() -> None:
     assert "LLM_ENABLE_OPENROUTER" in info.value.message
 
 
-# The key stays secret ---------------------------------------------------------------------------------------
+# The key stays secret -----------------------------------------------------------------------------
 
 ECHO = f"Invalid API key {OPENROUTER_KEY} (sent as Bearer {OPENROUTER_KEY})"
 
@@ -267,7 +265,7 @@ async def test_key_echoed_in_invalid_stream_json_is_not_in_the_error(
     respx_mock.post(CHAT_URL).mock(
         return_value=sse_response(event(chunk("a")), event(f"oops {ECHO}"), DONE)
     )
-    received, error = await run_stream(orp())
+    _received, error = await run_stream(orp())
     assert error is not None and error.code == "LLM_BAD_GATEWAY"
     assert OPENROUTER_KEY not in chain_text(error)
 

@@ -1,7 +1,8 @@
 """Restart (issue 6, hardening item 4): SIGKILL the server mid-stream and start it again.
 
-Real processes over real sockets: daphne serving the project, the fake upstream (tests/fake_upstream.py)
-streaming what the model name asks for (`bench:tokens=...,delay=...`, see `Reply.from_spec`).
+Real processes over real sockets: daphne serving the project, the fake upstream
+(testkit/fake_upstream.py) streaming what the model name asks for (`bench:tokens=...,delay=...`,
+see `Reply.from_spec`).
 The database is a SQLite file of the test's own, or the PostgreSQL of `DATABASE_URL` when the
 suite runs on it; either way everything is read through the sessions API, as a user would.
 
@@ -33,10 +34,11 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import pytest
 import websockets
+from websockets.typing import Origin
 
 from llm.autosave import SAVE_INTERVAL
-from tests import servers
-from tests.servers import project_env
+from testkit import servers
+from testkit.servers import project_env
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -71,7 +73,7 @@ def text_of(frames: list[dict[str, Any]]) -> str:
 async def generate(
     base: str, model: str, messages: list[dict[str, str]], **fields: Any
 ) -> list[dict[str, Any]]:
-    async with websockets.connect(ws_url(base), origin="http://localhost") as ws:
+    async with websockets.connect(ws_url(base), origin=Origin("http://localhost")) as ws:
         await ws.send(
             json.dumps({"type": "generate", "messages": messages, "model": model, **fields})
         )
@@ -148,11 +150,11 @@ def connect(env: dict[str, str]) -> Iterator[Any]:
             yield db
     else:
         path = env["DATABASE_URL"].removeprefix("sqlite:///")
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        lite = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
         try:
-            yield db
+            yield lite
         finally:
-            db.close()
+            lite.close()
 
 
 def snapshot(env: dict[str, str], killed: str) -> dict[str, list[tuple[tuple[str, Any], ...]]]:
@@ -184,11 +186,13 @@ def check_integrity(env: dict[str, str]) -> dict[str, int]:
             cursor.execute("PRAGMA foreign_key_check")
             assert cursor.fetchall() == []
         cursor.execute(
-            "SELECT COUNT(*) FROM llm_message m LEFT JOIN llm_session s ON s.id = m.session_id WHERE s.id IS NULL"
+            "SELECT COUNT(*) FROM llm_message m LEFT JOIN llm_session s ON s.id = m.session_id "
+            "WHERE s.id IS NULL"
         )
         assert cursor.fetchone()[0] == 0, "messages without their session"
         cursor.execute(
-            "SELECT session_id, position FROM llm_message GROUP BY session_id, position HAVING COUNT(*) > 1"
+            "SELECT session_id, position FROM llm_message GROUP BY session_id, position "
+            "HAVING COUNT(*) > 1"
         )
         assert cursor.fetchall() == [], "two messages at one position"
         counts = {}
@@ -261,7 +265,7 @@ async def _kill_and_restart(env: dict[str, str], tmp_path: Path, ids: list[str])
         async with httpx.AsyncClient(base_url=base, timeout=10) as http:
             before = await _finished_sessions(base, http, ids)
 
-            ws = await websockets.connect(ws_url(base), origin="http://localhost")
+            ws = await websockets.connect(ws_url(base), origin=Origin("http://localhost"))
             await ws.send(
                 json.dumps(
                     {"type": "generate", "messages": user("Tell a long story"), "model": SLOW}
@@ -357,7 +361,8 @@ async def _kill_and_restart(env: dict[str, str], tmp_path: Path, ids: list[str])
                 everything.text
             )
 
-            # The interrupted conversation goes on: its stored history (with the partial reply) first.
+            # The interrupted conversation goes on: its stored history (with the partial reply)
+            # first.
             frames = await generate(base, "bench:tokens=3", user("Go on"), session_id=slow_id)
             assert frames[-1]["type"] == "done" and frames[-1]["finish_reason"] == "stop", frames
             continued = await final(http, slow_id)
@@ -398,7 +403,7 @@ async def _finished_sessions(
         " t0 t1 t2 t3 t4",
     ]
 
-    async with websockets.connect(ws_url(base), origin="http://localhost") as ws:
+    async with websockets.connect(ws_url(base), origin=Origin("http://localhost")) as ws:
         ramble = {
             "type": "generate",
             "messages": user("Ramble"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
@@ -128,7 +129,7 @@ def test_backoff_delay_grows_exponentially() -> None:
     # Equal jitter: the mean is 3/4 of base * 2**attempt, so each step doubles it.
     for attempt, mean in enumerate(means):
         assert mean == pytest.approx(0.75 * base * 2**attempt, rel=0.05)
-    for lower, higher in zip(means, means[1:]):
+    for lower, higher in itertools.pairwise(means):
         assert higher / lower == pytest.approx(2.0, rel=0.1)
     # And every delay of one attempt is at least every delay of the one before.
     for attempt in range(5):

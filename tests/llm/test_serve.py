@@ -1,6 +1,6 @@
 """`manage.py serve`, what `make run` runs after migrate, as a real process on a random port.
 
-Its environment is cleaned of the developer's settings (`tests.servers.project_env`), its database
+Its environment is cleaned of the developer's settings (`testkit.servers.project_env`), its database
 is a migrated scratch SQLite file (or the suite's PostgreSQL), and its console is a file, not a
 terminal (no PYTHONUNBUFFERED), as under docker, systemd or `make run | tee`. The local model URL is
 a free port: nothing answers there unless a test puts something there.
@@ -24,8 +24,8 @@ import httpx
 import pytest
 
 from llm.local_model import MODEL_ALIAS, answers, free_port
-from tests import servers
-from tests.servers import ROOT, manage, project_env, wait_http
+from testkit import servers
+from testkit.servers import ROOT, manage, project_env, wait_http
 
 # What `curl -N -X POST localhost:8000/api/v1/llm/generate -d '{...}'` sends (curl 7.88): `-d`
 # means a form content type, not JSON.
@@ -142,7 +142,8 @@ def curl_generate(
     """POST like `curl -N ... -d '<body>'`, read as it arrives: (response, body, when each SSE
     event arrived)."""
     raw = json.dumps(body, separators=(",", ":")).encode()
-    content, arrivals = b"", []
+    content = b""
+    arrivals: list[float] = []
     url = base + "/api/v1/llm/generate"
     with httpx.stream("POST", url, content=raw, headers=CURL_HEADERS, timeout=timeout) as r:
         for chunk in r.iter_raw():

@@ -24,7 +24,7 @@ import llm.autosave
 import llm.generation
 import llm.sessions
 from llm.models import Message, Session
-from tests.fake_upstream import Reply
+from testkit.fake_upstream import Reply
 
 GENERATE = "/api/v1/llm/generate"
 CONVERSATION = [
@@ -176,7 +176,7 @@ async def test_stalled_stream_is_stored_failed_timeout_with_its_partial_text(
     assert (await messages_of(session))[-1] == (2, "assistant", "slowly")
 
 
-# What an upstream sends that the contract or the database cannot take as it is ---------------------
+# What an upstream sends that the contract or the database cannot take as it is --------------------
 
 
 @pytest.mark.django_db(transaction=True)
@@ -375,7 +375,10 @@ async def test_reply_is_saved_periodically_not_per_token(upstream: Any, writes: 
 async def test_concurrent_streams_share_one_write_per_interval(
     upstream: Any, writes: list[Any]
 ) -> None:
-    """Five streams at once cost one write per interval, not five: the process saves them together."""
+    """Five streams at once cost one write per interval, not five.
+
+    The process saves them together.
+    """
     upstream.default = Reply(tokens=[f" t{i}" for i in range(20)], delay=0.05)  # about 1 s each
     responses = await asyncio.gather(*(generate({"messages": CONVERSATION}) for _ in range(5)))
     assert all(r.status_code == 200 for r in responses)

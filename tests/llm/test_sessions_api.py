@@ -16,7 +16,7 @@ from django.test import AsyncClient
 from django.utils import timezone
 
 from llm.models import Message, Session
-from tests.fake_upstream import Reply
+from testkit.fake_upstream import Reply
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_clients")]
 
@@ -79,7 +79,7 @@ def make_user(name: str, *, staff: bool) -> Any:
     return get_user_model().objects.create_user(name, password="pw", is_staff=staff)
 
 
-# The list -------------------------------------------------------------------------------------------
+# The list -----------------------------------------------------------------------------------------
 
 
 async def test_list_is_paginated_newest_first() -> None:
@@ -170,7 +170,7 @@ async def test_bad_list_parameters_are_invalid_requests(query: dict[str, str]) -
     assert next(iter(query)) in error["message"]  # names the field
 
 
-# The detail ----------------------------------------------------------------------------------------
+# The detail ---------------------------------------------------------------------------------------
 
 
 async def test_detail_has_messages_in_order_timings_usage_and_error() -> None:
@@ -276,7 +276,7 @@ async def test_both_endpoints_are_in_the_openapi_schema() -> None:
     assert "404" in paths[detail[0]]["get"]["responses"]
 
 
-# API_TOKEN -----------------------------------------------------------------------------------------
+# API_TOKEN ----------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -392,7 +392,7 @@ async def test_health_status_docs_and_root_stay_open_with_the_token_set(
     assert response.status_code == 200, response.content
 
 
-# Rate limit ----------------------------------------------------------------------------------------
+# Rate limit ---------------------------------------------------------------------------------------
 
 
 async def _away_from_a_window_edge(period: int = 60, margin: float = 3.0) -> None:

@@ -38,7 +38,7 @@ from django.db import connection, connections
 
 from llm.models import Message, Session
 from llm.providers import get_provider, providers
-from tests.fake_upstream import FakeUpstream, Reply, Request
+from testkit.fake_upstream import FakeUpstream, Reply, Request
 from tests.llm.ws_client import LOCALHOST, PATH, drained, parse
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(120)]
@@ -415,7 +415,11 @@ class Client:
 # Checks -----------------------------------------------------------------------------------------
 
 
-STATUS_OF_FINISH = {"stop": "completed", "length": "completed", "cancelled": "cancelled"}
+STATUS_OF_FINISH: dict[str | None, str] = {
+    "stop": "completed",
+    "length": "completed",
+    "cancelled": "cancelled",
+}
 
 
 def check(
@@ -506,7 +510,9 @@ def check_end(end: dict[str, Any], session: Session) -> list[str]:
     return problems
 
 
-def explained(expected: tuple[str, str], got: tuple[str, str], last: Attempt, lagged: bool) -> bool:
+def explained(
+    expected: tuple[str, str], got: tuple[str, str | None], last: Attempt, lagged: bool
+) -> bool:
     """Whether an end other than the one the upstream called for is still right."""
     if last.kind == "cut0" and got == ("error", "LLM_UNAVAILABLE"):
         return True  # the cut came before the response head: a reset connection
@@ -515,7 +521,7 @@ def explained(expected: tuple[str, str], got: tuple[str, str], last: Attempt, la
     return cut_short(got, lagged)
 
 
-def cut_short(end: tuple[str, str], lagged: bool) -> bool:
+def cut_short(end: tuple[str, str | None], lagged: bool) -> bool:
     """Whether a timeout may have come before the last tokens the upstream wrote were read: with
     the loop stalled past the idle timeout, the upstream (in this loop too) writes them late."""
     return lagged and end == ("error", "LLM_TIMEOUT")
@@ -568,7 +574,7 @@ def check_json(
             problems.append(
                 f"returned {finish} but stored {session.status}/{session.finish_reason!r}"
             )
-        expected: tuple[str, str] = ("done", finish)
+        expected: tuple[str, str | None] = ("done", finish)
     else:
         code = body.get("error", {}).get("code")
         if HTTP_STATUS.get(code) != outcome.http_status:
@@ -661,7 +667,10 @@ def live_tasks(exclude: set[asyncio.Task[Any]]) -> list[asyncio.Task[Any]]:
 
 
 async def settle(condition: Callable[[], Any], timeout: float = SETTLE) -> Any:
-    """Poll until `condition()` is falsy (nothing left over), or return what is left after `timeout`."""
+    """Poll until `condition()` is falsy (nothing left over).
+
+    Or return what is left after `timeout`.
+    """
     deadline = time.monotonic() + timeout
     while True:
         left = condition()
@@ -853,8 +862,9 @@ async def test_fault_soak_200_concurrent_sessions(
         )
     if busy:
         leaks.append(
-            f"{len(busy)} upstream connections neither idle nor closed in the pool, with no request "
-            f"running (each holds a socket and one of LLM_MAX_CONNECTIONS for good): {busy[:5]}"
+            f"{len(busy)} upstream connections neither idle nor closed in the pool, "
+            "with no request running "
+            f"(each holds a socket and one of LLM_MAX_CONNECTIONS for good): {busy[:5]}"
         )
     if foreign:
         leaks.append(f"sockets left open besides the upstream pool: {sorted(foreign.values())}")
@@ -914,7 +924,8 @@ async def test_text_that_arrives_with_an_in_stream_error_is_kept(
         wait_for_status,
     )
 
-    fake = OneChunkUpstream(Reply(tokens=["Hel", "lo", " there"], **{fault: 2}))
+    fault_after: dict[str, Any] = {fault: 2}
+    fake = OneChunkUpstream(Reply(tokens=["Hel", "lo", " there"], **fault_after))
     url = await fake.start()
     llm_config(max_retries=0, lm_studio={"base_url": url, "default_model": MODEL})
     comm = await open_socket()

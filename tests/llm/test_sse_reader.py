@@ -90,7 +90,8 @@ async def test_bounded_stream_cuts_between_tokens_of_one_piece() -> None:
 
     out = [chunk async for chunk in bounded_stream(source(), max_tokens=4)]
     assert "".join(c.text for c in out) == "a b c d"
-    assert out[-1].finish_reason == "length" and out[-1].usage.completion_tokens == 4
+    usage = out[-1].usage
+    assert out[-1].finish_reason == "length" and usage is not None and usage.completion_tokens == 4
 
 
 async def test_a_reply_of_exactly_the_budget_keeps_its_own_finish_and_usage() -> None:

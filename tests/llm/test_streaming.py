@@ -23,7 +23,7 @@ from llm.streaming import (
     parse_chunk,
     parse_usage,
 )
-from llm.types import StreamChunk, Usage
+from llm.types import Message, StreamChunk, Usage
 
 
 def data(payload: Any) -> str:
@@ -53,7 +53,8 @@ def test_parse_chunk_text_delta() -> None:
 
 
 def test_parse_chunk_keeps_whitespace_and_unicode_exactly() -> None:
-    assert parse_chunk(delta("  h\u00e9\n\u4f60\U0001f600 ")).text == "  h\u00e9\n\u4f60\U0001f600 "
+    chunk = parse_chunk(delta("  h\u00e9\n\u4f60\U0001f600 "))
+    assert chunk is not None and chunk.text == "  h\u00e9\n\u4f60\U0001f600 "
 
 
 def test_parse_chunk_role_only_delta_has_empty_text() -> None:
@@ -263,13 +264,13 @@ def test_estimate_tokens() -> None:
 
 def test_estimate_prompt_tokens() -> None:
     assert estimate_prompt_tokens([]) == 0
-    one = [{"role": "user", "content": "Hello there, how are you?"}]
-    two = [{"role": "system", "content": "Be brief."}, *one]
+    one: list[Message] = [{"role": "user", "content": "Hello there, how are you?"}]
+    two: list[Message] = [{"role": "system", "content": "Be brief."}, *one]
     # Framing per message: more than the bare content, and one more message costs more.
     assert estimate_prompt_tokens(one) > estimate_tokens(one[0]["content"])
     assert estimate_prompt_tokens(two) > estimate_prompt_tokens(one)
     assert estimate_prompt_tokens([{"role": "user", "content": ""}]) > 0
-    long = [{"role": "user", "content": "x" * 4000}]
+    long: list[Message] = [{"role": "user", "content": "x" * 4000}]
     assert 1000 <= estimate_prompt_tokens(long) <= 1010
 
 
@@ -349,14 +350,17 @@ async def test_coalesce_keeps_all_text_in_order_for_random_inputs() -> None:
         pauses = [rng.choice([None, None, None, 0, 0, 0, 0.0005, 0.0015]) for _ in texts]
         max_chars = rng.choice([1, 3, 8, 64, 2048])
 
-        async def source() -> AsyncIterator[StreamChunk]:
-            for text, pause in zip(texts, pauses):
+        async def source(
+            texts: list[str], pauses: list[float | None]
+        ) -> AsyncIterator[StreamChunk]:
+            for text, pause in zip(texts, pauses, strict=True):
                 yield StreamChunk(text=text)
                 if pause is not None:
                     await asyncio.sleep(pause)
 
         out: list[StreamChunk] = []
-        async for piece in coalesce_chunks(source(), max_chars=max_chars, max_delay=0.001):
+        pieces = coalesce_chunks(source(texts, pauses), max_chars=max_chars, max_delay=0.001)
+        async for piece in pieces:
             out.append(piece)
             if rng.random() < 0.3:
                 await asyncio.sleep(0)
@@ -639,7 +643,7 @@ async def test_bounded_stream_passes_a_short_stream_through_unchanged() -> None:
 
     out = await collect(bounded_stream(source(), max_tokens=10, prompt_tokens=99))
     assert out == chunks
-    assert [c is o for c, o in zip(chunks, out)] == [True, True, True]
+    assert [c is o for c, o in zip(chunks, out, strict=True)] == [True, True, True]
 
 
 async def test_bounded_stream_exactly_at_budget_with_finish_keeps_upstream_finish() -> None:

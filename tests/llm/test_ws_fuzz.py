@@ -44,7 +44,7 @@ import llm.generation
 from llm.generation import Generation
 from llm.models import Message, Session
 from llm.providers import providers
-from tests.fake_upstream import FakeUpstream, Reply
+from testkit.fake_upstream import FakeUpstream, Reply
 from tests.llm.ws_client import generate_ok, open_socket
 
 # The consumer stores sessions from worker threads: only transactional tests see those writes.
@@ -156,8 +156,11 @@ class Frame:
     why: str = ""
 
     def __repr__(self) -> str:
-        cut = b"..." if isinstance(self.data, bytes) else "..."
-        shown = self.data if len(self.data) <= 200 else self.data[:200] + cut
+        shown: str | bytes
+        if isinstance(self.data, bytes):
+            shown = self.data if len(self.data) <= 200 else self.data[:200] + b"..."
+        else:
+            shown = self.data if len(self.data) <= 200 else self.data[:200] + "..."
         return f"Frame({shown!r}, {len(self.data)} chars/bytes, {self.why!r})"
 
 
@@ -212,7 +215,7 @@ def sized_frames(draw: st.DrawFn) -> Frame:
     """A valid generate frame of exactly `size` UTF-8 bytes (multi-byte padding included)."""
     size = draw(st.integers(LIMIT - 3, LIMIT + 3) | st.integers(LIMIT // 2, 20 * LIMIT))
     pad = draw(st.sampled_from(["a", "é", "€", "𝄞", "\x01", "\\"]))
-    head = {"type": "generate", "messages": [{"role": "user", "content": ""}]}
+    head: dict[str, Any] = {"type": "generate", "messages": [{"role": "user", "content": ""}]}
     base = len(json.dumps(head, ensure_ascii=False).encode())
     unit = len(json.dumps(pad, ensure_ascii=False).encode()) - 2
     count = max(0, (size - base) // unit)
@@ -222,7 +225,10 @@ def sized_frames(draw: st.DrawFn) -> Frame:
 
 @st.composite
 def deep_frames(draw: st.DrawFn) -> Frame:
-    """Nesting up to past the JSON parser's depth limit, as the frame or inside one of its fields."""
+    """Nesting up to past the JSON parser's depth limit.
+
+    As the frame or inside one of its fields.
+    """
     depth = draw(
         st.integers(1, 1100) | st.integers(940, 1030)
     )  # around Python's and orjson's limits
@@ -300,7 +306,10 @@ def _valid_uuid(value: Any) -> bool:
 
 
 def allowed_outcomes(frame: Frame) -> set[str]:
-    """What the contract allows as the answer to `frame`: error codes, GENERATION, NOTHING, WATCHING."""
+    """What the contract allows as the answer to `frame`.
+
+    Error codes, GENERATION, NOTHING, WATCHING.
+    """
     if isinstance(frame.data, bytes):
         return {"MESSAGE_TOO_LARGE"} if len(frame.data) > LIMIT else {"INVALID_JSON"}
     if len(frame.data.encode()) > LIMIT:
@@ -555,7 +564,8 @@ async def scenario(
     reply: Reply | None = None,
     close_early: bool = False,
 ) -> None:
-    """Open a socket, run `body`, check the socket still serves a generate, close it, check for leaks.
+    """Open a socket, run `body`, check the socket still serves a generate, close it, check for
+    leaks.
 
     Runs under Python's default recursion limit, as a server process does (Hypothesis raises it
     around each example, which would hide a frame nested deep enough to exhaust it).
@@ -826,7 +836,8 @@ def _resolve(action: Action, sock: Socket, env: Env) -> Frame | None:
     reply="long",
     close_early=False,
 )
-# Found on PostgreSQL: continuing a stored session with a NUL in the new turn ended in INTERNAL_ERROR.
+# Found on PostgreSQL: continuing a stored session with a NUL in the new turn ended in
+# INTERNAL_ERROR.
 @example(
     steps=[Action("continue_stored", messages=(("user", "a\x00b"),))],
     reply="fast",
@@ -854,8 +865,8 @@ async def test_rapid_sequences_end_every_generation_once_and_leave_nothing_runni
         if reply == "long":  # end the generation under way rather than wait for it
             sent.append(Frame('{"type": "cancel"}', "final cancel"))
             await sock.send(sent[-1])
-        # Every frame answered once (a valid cancel: never; a watch replaced by the next watch: maybe
-        # never), every generation ended once.
+        # Every frame answered once (a valid cancel: never; a watch replaced by the next watch:
+        # maybe never), every generation ended once.
         outcomes = [allowed_outcomes(f) for f in sent]
         cancels = sum(1 for o in outcomes if o == {NOTHING})
         watches = [i for i, o in enumerate(outcomes) if WATCHING in o]
@@ -880,9 +891,9 @@ async def test_rapid_sequences_end_every_generation_once_and_leave_nothing_runni
         assert generation_ends <= len(env.generations) <= sock.check.ends, (
             f"{len(env.generations)} generations, {generation_ends} ends: {sock.check.frames!r}"
         )
-        for frame in sock.check.watching:
-            assert frame["session_id"] == env.watch_id and frame["status"] == "completed"
-            assert frame["text"] == STORED_REPLY
+        for watching in sock.check.watching:
+            assert watching["session_id"] == env.watch_id and watching["status"] == "completed"
+            assert watching["text"] == STORED_REPLY
 
     note(f"steps: {steps!r}; reply: {reply}; close_early: {close_early}")
     await scenario(env, body, reply=REPLIES[reply], close_early=close_early)

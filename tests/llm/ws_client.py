@@ -14,11 +14,12 @@ from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
 from llm.models import Message, Session
+from llm.types import Message as ChatMessage
 from negotiator.asgi import application
 
 PATH = "/ws/llm/stream/"
 LOCALHOST = [(b"origin", b"http://localhost")]
-HI = [{"role": "user", "content": "Hi"}]
+HI: list[ChatMessage] = [{"role": "user", "content": "Hi"}]
 HELLO_REPLY = "Hello, world!"  # FakeUpstream's default reply
 TIMEOUT = 5
 

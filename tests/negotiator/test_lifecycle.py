@@ -21,7 +21,7 @@ import pytest
 import websockets
 
 from llm.local_model import free_port
-from tests import servers
+from testkit import servers
 
 pytestmark = pytest.mark.timeout(60)
 

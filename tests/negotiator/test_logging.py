@@ -1,4 +1,7 @@
-"""Logging: secrets redacted from every line (message and traceback); one line per upstream request."""
+"""Logging: secrets redacted from every line (message and traceback).
+
+One line per upstream request.
+"""
 
 from __future__ import annotations
 
@@ -116,7 +119,7 @@ def console() -> Iterator[io.StringIO]:
         yield stream
     finally:
         for handler, old in zip(
-            [h for h in handlers if isinstance(h, logging.StreamHandler)], previous
+            [h for h in handlers if isinstance(h, logging.StreamHandler)], previous, strict=True
         ):
             handler.setStream(old)
 

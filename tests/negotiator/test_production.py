@@ -1,4 +1,7 @@
-"""Production settings: `check --deploy` is clean but for what the README explains; assets are served."""
+"""Production settings: `check --deploy` is clean but for what the README explains.
+
+Assets are served.
+"""
 
 from __future__ import annotations
 

@@ -93,5 +93,6 @@ async def test_health_reports_a_working_channel_layer_when_redis_answers(setting
         }
     }
     layer = await probes.channel_layer()
+    assert layer is not None
     assert layer == layer | {"status": "ok", "backend": "ResilientRedisChannelLayer"}
     assert layer["latency_ms"] > 0

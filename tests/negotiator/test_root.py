@@ -1,4 +1,7 @@
-"""`GET /` (name, version, docs link) and the OpenAPI docs at `/api/v1/docs` / `/api/v1/openapi.json`."""
+"""`GET /` (name, version, docs link) and the OpenAPI docs.
+
+At `/api/v1/docs` / `/api/v1/openapi.json`.
+"""
 
 from __future__ import annotations
 
@@ -152,9 +155,9 @@ def test_generate_documents_the_event_stream_alternative(schema: dict[str, Any])
     ok = schema["paths"]["/api/v1/llm/generate"]["post"]["responses"]["200"]["content"]
     assert "text/event-stream" in ok
     stream = ok["text/event-stream"]
-    example = stream.get("example") or next(iter((stream.get("examples") or {}).values()), {}).get(
-        "value"
-    )
+    examples: dict[str, dict[str, Any]] = stream.get("examples") or {}
+    first: dict[str, Any] = next(iter(examples.values()), {})
+    example = stream.get("example") or first.get("value")
     assert isinstance(example, str) and example
     frames = [line for line in example.splitlines() if line.startswith("data: ")]
     kinds = [line.split('"type": "', 1)[1].split('"', 1)[0] for line in frames]

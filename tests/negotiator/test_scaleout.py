@@ -31,7 +31,7 @@ import pytest
 import redis
 import websockets
 
-from tests import servers
+from testkit import servers
 from tests.raw_websocket import logged_at, open_stalled_socket, server_frames
 
 PG_URL = os.environ.get("SCALEOUT_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
@@ -89,7 +89,10 @@ def _env(database_url: str, upstream: str, password: str, **overrides: str) -> d
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
-    """Migrated once into a template database: each cluster starts on a copy (0.3 s, not a migrate)."""
+    """Migrated once into a template database.
+
+    Each cluster starts on a copy (0.3 s, not a migrate).
+    """
     try:
         admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
@@ -125,7 +128,10 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
 
 @contextlib.contextmanager
 def running_cluster(shared: Shared, **overrides: str) -> Iterator[Cluster]:
-    """Two daphne workers on a fresh copy of the template database, sharing Redis and the upstream."""
+    """Two daphne workers on a fresh copy of the template database.
+
+    They share Redis and the upstream.
+    """
     name = f"negotiator_scaleout_{uuid.uuid4().hex[:8]}"
     shared.admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{shared.template}"')
     env = _env(_with_db(PG_URL, name), shared.upstream, shared.admin_password, **overrides)
@@ -223,7 +229,9 @@ async def test_watch_on_worker_b_follows_a_generation_on_worker_a(cluster: Clust
         stored = (await http.get(f"/api/v1/sessions/{start['session_id']}")).json()
         assert stored["status"] == "completed" and stored["messages"][-1]["content"] == reply
         login = await http.get("/admin/login/")
-        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', login.text).group(1)
+        found = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', login.text)
+        assert found is not None, login.text
+        token = found.group(1)
         await http.post(
             "/admin/login/?next=/admin/",
             data={
@@ -269,7 +277,7 @@ async def drain(sock: socket.socket, quiet: float = 3) -> tuple[bytes, str]:
         received += chunk
 
 
-async def test_a_watcher_that_stops_reading_is_cut_and_slows_neither_the_generator_nor_other_watchers(
+async def test_a_watcher_that_stops_reading_is_cut_and_slows_neither_generator_nor_other_watchers(
     cluster: Cluster,
 ) -> None:
     worker_a, worker_b = cluster.workers
@@ -416,7 +424,9 @@ async def test_connections_stay_within_the_pool_under_100_concurrent_generations
                 cursor = await conn.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (cluster.database,)
                 )
-                peak = max(peak, (await cursor.fetchone())[0])
+                row = await cursor.fetchone()
+                assert row is not None
+                peak = max(peak, row[0])
                 await asyncio.sleep(0.02)
 
     body = {"messages": [{"role": "user", "content": "Hi"}]}

@@ -47,8 +47,8 @@ from django.utils.module_loading import import_string
 from llm.local_model import free_port
 from llm.models import Message, Session
 from llm.providers import providers
-from tests import servers
-from tests.fake_upstream import FakeUpstream, Reply
+from testkit import servers
+from testkit.fake_upstream import FakeUpstream, Reply
 from tests.llm import ws_client
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -66,7 +66,7 @@ BEARER = {"Authorization": f"Bearer {TOKEN}"}
 WS_PATH = f"{ws_client.PATH}?token={TOKEN}"
 
 
-# The echoing upstream ---------------------------------------------------------------------------------
+# The echoing upstream -----------------------------------------------------------------------------
 
 
 @dataclass
@@ -201,7 +201,9 @@ class EchoingUpstream(FakeUpstream):
             )
             return True
         model = request.body.get("model") if isinstance(request.body, dict) else None
-        scenario = SCENARIOS.get(model) or STRADDLES.get(model)
+        scenario = (
+            (SCENARIOS.get(model) or STRADDLES.get(model)) if isinstance(model, str) else None
+        )
         if scenario is not None:
             self.replies.appendleft(scenario(auth))  # taken by the parent before it first awaits
         return await super()._answer(request, reader, writer)
@@ -292,7 +294,7 @@ def refused() -> str:
 @pytest.fixture
 def echo(
     echo_server: ThreadedUpstream, settings: Any, openrouter_at: Callable[..., None]
-) -> EchoingUpstream:
+) -> Iterator[EchoingUpstream]:
     """OpenRouter selected, enabled, with KEY, at the echoing upstream; API_TOKEN set to TOKEN."""
     openrouter_at(echo_server.fake.base_url)
     settings.API_TOKEN = TOKEN
@@ -308,7 +310,7 @@ async def _close_clients() -> Any:
     await sync_to_async(connections.close_all)()  # PostgreSQL drops no test database with one open
 
 
-# Where secrets must not be ----------------------------------------------------------------------------
+# Where secrets must not be ------------------------------------------------------------------------
 
 
 def leaks(text: str) -> list[str]:
@@ -349,8 +351,10 @@ class Seen:
 
 
 class Logs:
-    """Every record of every logger at DEBUG, formatted as the configured handlers format it, through
-    the RedactSecrets filter that settings.LOGGING configures."""
+    """Every record of every logger at DEBUG, formatted as the configured handlers format it.
+
+    Through the RedactSecrets filter that settings.LOGGING configures.
+    """
 
     def __init__(self, settings: Any) -> None:
         config = settings.LOGGING
@@ -443,11 +447,11 @@ async def post_generate(client: AsyncClient, **fields: Any) -> Any:
 @sync_to_async
 def stored_text() -> str:
     """Every stored session and message, field by field."""
-    rows = [repr(list(Session.objects.values()))] + [repr(list(Message.objects.values()))]
+    rows = [repr(list(Session.objects.values())), repr(list(Message.objects.values()))]
     return "\n".join(rows)
 
 
-# The canary: the fake upstream really echoes the key ----------------------------------------------------
+# The canary: the fake upstream really echoes the key ----------------------------------------------
 
 
 @pytest.mark.parametrize("scenario", [*SCENARIOS, *STRADDLES])
@@ -471,7 +475,7 @@ def test_the_fake_model_list_echoes_the_key(echo_server: ThreadedUpstream) -> No
     assert KEY in raw, raw
 
 
-# HTTP ---------------------------------------------------------------------------------------------------
+# HTTP ---------------------------------------------------------------------------------------------
 
 
 async def test_http_responses_never_show_the_key_or_the_token(
@@ -578,7 +582,7 @@ async def test_http_responses_never_show_the_key_or_the_token(
     assert f"canary headers={{'Authorization': 'Bearer {REDACTED}'}}" in logs.text
 
 
-# WebSocket ----------------------------------------------------------------------------------------------
+# WebSocket ----------------------------------------------------------------------------------------
 
 
 async def until_end(comm: Any, seen: Seen, where: str) -> list[dict[str, Any]]:
@@ -654,7 +658,7 @@ async def test_a_watchers_frames_never_show_the_key(echo: EchoingUpstream, logs:
     seen.assert_clean()
 
 
-# Admin --------------------------------------------------------------------------------------------------
+# Admin --------------------------------------------------------------------------------------------
 
 
 async def test_admin_pages_never_show_the_key(echo: EchoingUpstream, logs: Logs) -> None:
@@ -708,7 +712,7 @@ async def test_admin_pages_never_show_the_key(echo: EchoingUpstream, logs: Logs)
     seen.assert_clean()
 
 
-# llm_ping -----------------------------------------------------------------------------------------------
+# llm_ping -----------------------------------------------------------------------------------------
 
 
 def ping(*args: str) -> tuple[int, str, str]:
@@ -776,7 +780,7 @@ def test_llm_ping_subprocess_never_shows_the_key(
     assert_clean("llm_ping subprocess stderr", result.stderr)
 
 
-# A live server ------------------------------------------------------------------------------------------
+# A live server ------------------------------------------------------------------------------------
 
 
 def test_a_live_servers_output_and_log_file_never_show_secrets(
@@ -785,6 +789,7 @@ def test_a_live_servers_output_and_log_file_never_show_secrets(
     """daphne, as `make run` serves, at LOG_LEVEL=DEBUG with LOG_DIR: its own output (access log
     included, which bypasses Python logging) and the rotating log file."""
     from websockets.sync.client import connect
+    from websockets.typing import Origin
 
     log_dir = tmp_path / "logs"
     env = servers.project_env(
@@ -818,12 +823,14 @@ def test_a_live_servers_output_and_log_file_never_show_secrets(
                 )
             )
         ws_url = base.replace("http", "ws") + WS_PATH
-        frames = []
-        with connect(ws_url, origin=base, open_timeout=5, close_timeout=5) as socket:
+        frames: list[str] = []
+        with connect(ws_url, origin=Origin(base), open_timeout=5, close_timeout=5) as socket:
             for scenario in ("echo-chunk", "echo-choice-error"):
                 socket.send(json.dumps({"type": "generate", "messages": HI, "model": scenario}))
                 while True:
-                    frames.append(socket.recv(timeout=10))
+                    frame = socket.recv(timeout=10)
+                    assert isinstance(frame, str), frame  # the contract's frames are text
+                    frames.append(frame)
                     if json.loads(frames[-1])["type"] in ("done", "error"):
                         break
     for response in seen:
@@ -846,16 +853,18 @@ def test_a_live_servers_output_and_log_file_never_show_secrets(
     assert_clean("the LOG_DIR file", log_file)
 
 
-# Truncated messages -------------------------------------------------------------------------------------
+# Truncated messages -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("scenario", list(STRADDLES))
 async def test_a_key_cut_by_truncation_is_still_redacted(
     echo: EchoingUpstream, logs: Logs, scenario: str
 ) -> None:
-    """Upstream words are cut short (300 characters of an error body, 200 of a bad chunk) before they
-    reach a message: the key must be cut out first, or what is left of it (all but two characters
-    here) is shown, stored and logged."""
+    """Upstream words are cut short (300 characters of an error body, 200 of a bad chunk).
+
+    That happens before they reach a message: the key must be cut out first, or what is left of it
+    (all but two characters here) is shown, stored and logged.
+    """
     seen = Seen()
     client = Client(headers=BEARER)
     response = await post_generate(client, model=scenario)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import websockets
 
-from tests import servers
+from testkit import servers
 from tests.raw_websocket import close_code, logged_at, open_stalled_socket
 
 LIMIT = 64 * 1024

@@ -1,4 +1,6 @@
-"""The playground in a real browser: Playwright driving Debian's Chromium against live daphne servers.
+"""The playground in a real browser.
+
+Playwright driving Debian's Chromium against live daphne servers.
 
 Happy path against the real SmolLM2 server; Stop, API token and faults against the fake upstream.
 Without Chromium these tests are skipped with how to get it (`.ci/run` installs it).
@@ -16,8 +18,8 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests import servers
-from tests.servers import ROOT, manage, project_env
+from testkit import servers
+from testkit.servers import ROOT, manage, project_env
 
 CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = [
@@ -39,7 +41,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
 if not os.path.exists(CHROMIUM):
     pytest.skip(
-        f"Chromium not found at {CHROMIUM}: install it (`apt-get install -y chromium`, as .ci/run does) "
+        f"Chromium not found at {CHROMIUM}: "
+        "install it (`apt-get install -y chromium`, as .ci/run does) "
         "or set CHROMIUM_PATH, then run `make test PYTEST_ARGS='-m browser'`",
         allow_module_level=True,
     )
@@ -107,7 +110,8 @@ def count_text_updates(page: Page) -> None:
     page.evaluate("""() => {
         window.__updates = 0;
         new MutationObserver(() => window.__updates++).observe(
-            document.getElementById("messages"), {subtree: true, childList: true, characterData: true});
+            document.getElementById("messages"),
+            {subtree: true, childList: true, characterData: true});
     }""")
 
 

@@ -1,6 +1,7 @@
 """`manage.py llm_ping`: ask the provider for its models; exit 0 when reachable, 1 when not.
 
-It also reports the database and (with REDIS_URL) the channel layer, which do not change the exit code.
+It also reports the database and (with REDIS_URL) the channel layer, which do not change the
+exit code.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class Command(BaseCommand):
             raise CommandError(problems)
         if provider is not None and provider not in provider_aliases():
             raise CommandError(
-                f"(llm.E001) Unknown provider {provider!r}: choose one of {', '.join(provider_aliases())}."
+                f"(llm.E001) Unknown provider {provider!r}: "
+                f"choose one of {', '.join(provider_aliases())}."
             )
         result, database, layer = asyncio.run(self._ping(provider))
         if as_json:

@@ -1,4 +1,7 @@
-"""`manage.py serve` (what `make run` runs): daphne on HOST:PORT, with the bundled model when needed."""
+"""`manage.py serve` (what `make run` runs): daphne on HOST:PORT.
+
+With the bundled model when needed.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from llm import local_model
 from llm.conf import llm_settings
+from llm.structured import remember_form
 
 
 class Command(BaseCommand):
@@ -59,5 +63,7 @@ class Command(BaseCommand):
             server.start()
         except (ImproperlyConfigured, RuntimeError, OSError) as exc:
             raise CommandError(f"Could not start the bundled model: {exc}") from exc
+        # llama-cpp-python's server takes structured output in its own form: ask it so at once.
+        remember_form(base_url, "json_object")
         self.stdout.write(self.style.SUCCESS(f"The bundled model answers at {server.base_url}."))
         return server

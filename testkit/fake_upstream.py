@@ -9,7 +9,8 @@ records every request and every client that went away (`disconnects`), which a m
     ...
     await upstream.stop()
 
-Run alone (for `make run` or benchmarks): `python -m tests.fake_upstream --port 9000 --tokens 200`.
+Run alone (for `make run` or benchmarks):
+`python -m testkit.fake_upstream --port 9000 --tokens 200`.
 """
 
 from __future__ import annotations
@@ -161,8 +162,11 @@ class FakeUpstream:
         self, request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
         if request.method == "GET" and request.path.endswith("/models"):
-            body = {"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]}
-            await self._send_json(writer, 200, body)
+            listing = {
+                "object": "list",
+                "data": [{"id": m, "object": "model"} for m in self.models],
+            }
+            await self._send_json(writer, 200, listing)
             return True
         if not request.path.endswith("/chat/completions"):
             await self._send_json(writer, 404, {"error": {"message": "not found"}})

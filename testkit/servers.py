@@ -1,4 +1,5 @@
-"""Real server processes for end-to-end tests: daphne serving the project, the fake upstream."""
+"""Real server processes for end-to-end tests and benchmarks: daphne serving the project, the
+fake upstream. Each starts on a random port and stops when its block ends."""
 
 from __future__ import annotations
 
@@ -11,9 +12,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import pytest
 
 from llm.local_model import free_port
+
+
+class ServerDidNotStart(RuntimeError):
+    """A server process exited, or did not answer in time; the message ends with its log."""
+
 
 ROOT = Path(__file__).resolve().parents[1]
 # Variables of the developer's shell that must not leak into a server a test configures.
@@ -37,7 +42,7 @@ def wait_http(url: str, process: subprocess.Popen[bytes], log: Path, timeout: fl
                 return
         except httpx.HTTPError:
             time.sleep(0.1)
-    pytest.fail(f"{url} did not start:\n{log.read_text(errors='replace')[-3000:]}")
+    raise ServerDidNotStart(f"{url} did not start:\n{log.read_text(errors='replace')[-3000:]}")
 
 
 def manage(env: dict[str, str], *args: str) -> None:
@@ -97,9 +102,9 @@ def daphne(env: dict[str, str], log_dir: Path, *, migrate: bool = True) -> Itera
 
 @contextmanager
 def fake_upstream(log_dir: Path, *args: str, port: int | None = None) -> Iterator[str]:
-    """`tests/fake_upstream.py` in its own process: its base URL (`.../v1`)."""
+    """`testkit/fake_upstream.py` in its own process: its base URL (`.../v1`)."""
     port = port or free_port()
-    command = [sys.executable, "-m", "tests.fake_upstream", "--port", str(port), *args]
+    command = [sys.executable, "-m", "testkit.fake_upstream", "--port", str(port), *args]
     base = f"http://127.0.0.1:{port}/v1"
     with process(command, dict(os.environ), log_dir / f"upstream-{port}.log", base + "/models"):
         yield base

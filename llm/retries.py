@@ -32,7 +32,11 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, seconds)
 
 
+# A generator of its own: the process-wide one is seeded by whoever uses it (hypothesis, in tests).
+_jitter = random.Random()
+
+
 def backoff_delay(attempt: int, base: float, *, rng: random.Random | None = None) -> float:
     """`base * 2**attempt` with equal jitter: half fixed, half random, so clients spread out."""
     ceiling = base * (2**attempt)
-    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+    return ceiling / 2 + (rng or _jitter).uniform(0, ceiling / 2)

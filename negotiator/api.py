@@ -28,6 +28,8 @@ from llm.exceptions import (
 )
 from llm.schemas import describe_validation_errors
 from llm.sessions_api import router as sessions_router
+from negotiation.api import router as negotiations_router
+from negotiation.api import scenarios_router
 
 from . import __version__
 
@@ -65,7 +67,8 @@ api = NinjaAPI(
     version=__version__,
     description=(
         "LLM inference for negotiating agents: generate replies (JSON or a text/event-stream of "
-        "frames), check health and the provider's status. Every error body is "
+        "frames), check health and the provider's status; run negotiations between a buyer and a "
+        "seller (LLM-played or a person) over the bundled scenario library. Every error body is "
         '`{"error": {"code": "...", "message": "..."}}`; the codes are listed in the README.'
     ),
     urls_namespace="api",
@@ -75,6 +78,8 @@ api = NinjaAPI(
 api.add_router("/", health_router)
 api.add_router("/llm", llm_router)
 api.add_router("/sessions", sessions_router)
+api.add_router("/scenarios", scenarios_router)
+api.add_router("/negotiations", negotiations_router)
 
 
 def error_response(request: HttpRequest, error: NegotiatorError) -> HttpResponse:

@@ -16,10 +16,11 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "negotiator.settings")
 django_asgi_app = get_asgi_application()
 
 from llm.checks import format_errors, run_llm_checks  # noqa: E402
+from negotiation.checks import check_settings as check_negotiation_settings  # noqa: E402
 
 # Before the modules that patch other packages' internals are imported: a private name they rely
 # on that is gone stops the server here with negotiator.E001, not with a traceback.
-_problems = format_errors(run_llm_checks())
+_problems = format_errors(run_llm_checks()) or format_errors(check_negotiation_settings())
 if _problems:
     print(f"Negotiator cannot start: fix these first.\n{_problems}", file=sys.stderr)
     raise SystemExit(1)

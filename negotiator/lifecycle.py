@@ -1,8 +1,9 @@
 """Start-up and shutdown of the ASGI app, under any server: the ASGI lifespan where there is one
 (uvicorn), daphne's reactor events where there is not.
 
-At start-up, sessions a dead process left `streaming` become `interrupted` (before any request
-is served); at shutdown, generations under way end `cancelled` with their text so far (not
+At start-up, sessions a dead process left `streaming` and negotiations it left `running` become
+`interrupted` (before any request is served); at shutdown, negotiations under way end
+`interrupted` (resumable), generations under way end `cancelled` with their text so far (not
 `interrupted` at the next start), then the providers' pooled HTTP clients are closed.
 """
 
@@ -19,6 +20,8 @@ from django.db import DatabaseError
 from llm.generation import stop_all
 from llm.providers import providers
 from llm.sessions import recover_interrupted
+from negotiation.runner import stop_all as stop_negotiations
+from negotiation.store import recover_interrupted as recover_interrupted_negotiations
 
 logger = logging.getLogger("negotiator.lifecycle")
 
@@ -58,17 +61,27 @@ class StartUp:
 
 
 async def shutdown() -> None:
-    """End the generations under way (stored `cancelled`), then close the providers' clients."""
+    """End the negotiations under way (stored `interrupted`: resumable), then the generations
+    (stored `cancelled`), then close the providers' clients."""
+    negotiations = await stop_negotiations(timeout=SHUTDOWN_TIMEOUT)
     stopped = await stop_all(timeout=SHUTDOWN_TIMEOUT)
     await providers.aclose()
-    logger.info("stopped %d generation(s); closed the providers' HTTP clients", stopped)
+    logger.info(
+        "stopped %d negotiation(s) and %d generation(s); closed the providers' HTTP clients",
+        negotiations,
+        stopped,
+    )
 
 
 def _recover() -> None:
-    try:
-        recover_interrupted()
-    except DatabaseError as exc:  # not migrated yet: nothing to recover
-        logger.warning("could not check for interrupted sessions: %s", exc)
+    for what, recover in (
+        ("sessions", recover_interrupted),
+        ("negotiations", recover_interrupted_negotiations),
+    ):
+        try:
+            recover()
+        except DatabaseError as exc:  # not migrated yet: nothing to recover
+            logger.warning("could not check for interrupted %s: %s", what, exc)
 
 
 def attach_to_daphne(app: StartUp) -> None:

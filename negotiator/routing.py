@@ -12,10 +12,11 @@ from typing import Any
 from channels.routing import URLRouter
 
 from llm.routing import websocket_urlpatterns as llm_patterns
+from negotiation.routing import websocket_urlpatterns as negotiation_patterns
 
 logger = logging.getLogger("negotiator.websocket")
 
-websocket_urlpatterns = [*llm_patterns]
+websocket_urlpatterns = [*llm_patterns, *negotiation_patterns]
 
 # Close code of the refusal; sent before the handshake is accepted, it reaches the client as an
 # HTTP 403 (the ASGI rule: daphne, uvicorn).

@@ -57,6 +57,7 @@ INSTALLED_APPS = [
     "llm",
     "health",
     "playground",
+    "negotiation",
 ]
 
 MIDDLEWARE = [
@@ -235,6 +236,17 @@ LLM = {
         "max_tokens": _number("LLM_MAX_TOKENS", 1024, int),
     },
 }
+
+# Negotiations -----------------------------------------------------------------
+# Checked by negotiation.E001-E003.
+
+# How long a negotiation waits for a person's move before it ends (`ended_by: "timeout"`).
+NEGOTIATION_HUMAN_TIMEOUT = _number("NEGOTIATION_HUMAN_TIMEOUT", 300)
+# `max_tokens` of a model's message in a negotiation (the `llm` policy gets room for its JSON too).
+NEGOTIATION_MESSAGE_MAX_TOKENS = _number("NEGOTIATION_MESSAGE_MAX_TOKENS", 60, int)
+# How the `narrated` strategy concedes unless a side says otherwise: < 1 late, 1 linearly,
+# > 1 early.
+NEGOTIATION_BETA = _number("NEGOTIATION_BETA", 1.0)
 
 # Logging -----------------------------------------------------------------------
 

@@ -15,6 +15,22 @@ OPENROUTER = "http://openrouter.test/api/v1"
 OPENROUTER_KEY = "sk-or-v1-TESTKEY-0123456789abcdef"
 
 
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings(
+    django_db_modify_db_settings_parallel_suffix: None, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The SQLite test database in a file, as in production, not in memory: in a shared-cache
+    memory database a second writer (a background negotiation's thread while a request writes in
+    its own) fails at once with "database table is locked" instead of waiting its turn."""
+    from django.conf import settings
+
+    database = settings.DATABASES["default"]
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        database.setdefault("TEST", {})["NAME"] = str(
+            tmp_path_factory.mktemp("database") / "test.sqlite3"
+        )
+
+
 @pytest.fixture(autouse=True)
 def _fresh_providers() -> Iterator[None]:
     providers.reset()

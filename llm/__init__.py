@@ -40,6 +40,7 @@ _EXPORTS = {
     "PerLoop": "llm.loops",
     "worker_id": "llm.sessions",
     "worker_alive": "llm.sessions",
+    "reveal": "llm.sessions",
 }
 
 __all__ = list(_EXPORTS)

@@ -131,6 +131,9 @@ class Generation:
     request: ChatRequest
     session_id: str | None = None
     provider_alias: str | None = None
+    # Kept out of the sessions API (staff see it in admin): its prompt holds what the reader of
+    # the API must not see (a negotiating side's private number, while a person plays against it).
+    private: bool = False
     coalesce_delay: float = COALESCE_DELAY
     coalesce_chars: int = COALESCE_CHARS
 
@@ -214,7 +217,13 @@ class Generation:
         create = self.session_id is None
         session_id = self.session_id = self.session_id or str(uuid.uuid4())
         opening = asyncio.ensure_future(
-            open_session(session_id, self.request.messages, self.provider, create=create)
+            open_session(
+                session_id,
+                self.request.messages,
+                self.provider,
+                create=create,
+                private=self.private,
+            )
         )
         if create:
             # Nothing to read first: the upstream request and the reply start while the session

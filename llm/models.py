@@ -52,6 +52,11 @@ class Session(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     ttft_ms = models.FloatField("TTFT (ms)", null=True, blank=True)
     tokens_per_second = models.FloatField("tokens/s", null=True, blank=True)
+    private = models.BooleanField(
+        default=False,
+        help_text="Kept out of the sessions API (admin shows it): e.g. a model's move in a "
+        "negotiation while a person plays the other side, whose prompt holds its private number.",
+    )
     response_format = models.JSONField(
         null=True, blank=True, help_text="The JSON Schema the latest reply was asked to follow."
     )

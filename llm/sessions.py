@@ -55,15 +55,31 @@ class OpenedSession:
     reply_position: int
 
 
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    """A session to create: its first messages, the provider asked first, and whether the
+    sessions API keeps it to staff (`private`)."""
+
+    session_id: str
+    messages: list[MessageDict]
+    provider: str
+    private: bool = False
+
+
 async def open_session(
-    session_id: str, messages: list[MessageDict], provider: str, *, create: bool
+    session_id: str,
+    messages: list[MessageDict],
+    provider: str,
+    *,
+    create: bool,
+    private: bool = False,
 ) -> OpenedSession:
     """Create the session `session_id`, or claim a stored one for a new turn; store the messages.
 
     Returns the whole conversation to send upstream (stored history first).
     """
     if create:
-        return await _creators.get().create(session_id, messages, provider)
+        return await _creators.get().create(NewSession(session_id, messages, provider, private))
     return await _continue_session(session_id, messages, provider)
 
 
@@ -74,7 +90,7 @@ def _continue_session(session_id: str, messages: list[MessageDict], provider: st
         # Free to continue unless another reply streams; one whose process stopped saving long
         # ago (killed on another host) is taken over.
         claimed = (
-            Session.objects.filter(pk=session_id)
+            Session.objects.filter(pk=session_id, private=False)
             .filter(~Q(status=Session.Status.STREAMING) | Q(updated_at__lt=now - STALE_AFTER))
             .update(
                 status=Session.Status.STREAMING,
@@ -97,7 +113,7 @@ def _continue_session(session_id: str, messages: list[MessageDict], provider: st
             )
         )
         if not claimed:
-            if Session.objects.filter(pk=session_id).exists():
+            if Session.objects.filter(pk=session_id, private=False).exists():
                 raise GenerationInProgress(f"Session {session_id} is already generating a reply")
             raise SessionNotFound(f"Session {session_id} does not exist")
         session = Session.objects.get(pk=session_id)
@@ -127,14 +143,12 @@ class _Creator:
     cost the database thread (and the GIL the event loop needs) about what one does."""
 
     def __init__(self) -> None:
-        self._pending: list[tuple[str, list[MessageDict], str, asyncio.Future[OpenedSession]]] = []
+        self._pending: list[tuple[NewSession, asyncio.Future[OpenedSession]]] = []
         self._task: asyncio.Task[None] | None = None
 
-    def create(
-        self, session_id: str, messages: list[MessageDict], provider: str
-    ) -> asyncio.Future[OpenedSession]:
+    def create(self, new: NewSession) -> asyncio.Future[OpenedSession]:
         future: asyncio.Future[OpenedSession] = asyncio.get_running_loop().create_future()
-        self._pending.append((session_id, messages, provider, future))
+        self._pending.append((new, future))
         if self._task is None or self._task.done():
             # A context of its own, as the autosave's: not the thread of the request that came
             # first.
@@ -142,31 +156,31 @@ class _Creator:
         return future
 
     async def _write_pending(self) -> None:
-        batch: list[tuple[str, list[MessageDict], str, asyncio.Future[OpenedSession]]] = []
+        batch: list[tuple[NewSession, asyncio.Future[OpenedSession]]] = []
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
-                rows = [(sid, messages, provider) for sid, messages, provider, _ in batch]
+                rows = [new for new, _ in batch]
                 try:
                     failures = await _create_sessions(rows)
                 except Exception as exc:  # the database itself failed: every one of them did
                     failures = [exc] * len(batch)
-                for (sid, messages, _, future), failure in zip(batch, failures, strict=True):
+                for (new, future), failure in zip(batch, failures, strict=True):
                     if future.done():
                         continue
                     if failure is None:
-                        future.set_result(OpenedSession(sid, [], len(messages)))
+                        future.set_result(OpenedSession(new.session_id, [], len(new.messages)))
                     else:
                         future.set_exception(failure)
         finally:  # cancelled (the loop is closing): no generation waits forever for its session
-            for *_, future in [*batch, *self._pending]:
+            for _, future in [*batch, *self._pending]:
                 if not future.done():
                     future.set_exception(InternalError("The session could not be stored"))
             self._pending = []
 
 
 @database_sync_to_async
-def _create_sessions(rows: list[tuple[str, list[MessageDict], str]]) -> list[Exception | None]:
+def _create_sessions(rows: list[NewSession]) -> list[Exception | None]:
     """Create the sessions and their messages; per row, the error that kept it out (or None).
 
     All in one transaction; should it fail, each row is tried alone, so one bad row (a session id
@@ -189,18 +203,37 @@ def _create_sessions(rows: list[tuple[str, list[MessageDict], str]]) -> list[Exc
     return failures
 
 
-def _insert_sessions(rows: list[tuple[str, list[MessageDict], str]]) -> None:
+def _insert_sessions(rows: list[NewSession]) -> None:
     now = timezone.now()
     worker = worker_id()
     Session.objects.bulk_create(
-        Session(pk=sid, provider=provider, worker=worker, created_at=now, updated_at=now)
-        for sid, _, provider in rows
+        Session(
+            pk=new.session_id,
+            provider=new.provider,
+            private=new.private,
+            worker=worker,
+            created_at=now,
+            updated_at=now,
+        )
+        for new in rows
     )
     Message.objects.bulk_create(
-        Message(session_id=sid, position=i, role=m["role"], content=m["content"], created_at=now)
-        for sid, messages, _ in rows
-        for i, m in enumerate(messages)
+        Message(
+            session_id=new.session_id,
+            position=i,
+            role=m["role"],
+            content=m["content"],
+            created_at=now,
+        )
+        for new in rows
+        for i, m in enumerate(new.messages)
     )
+
+
+@database_sync_to_async
+def reveal(session_ids: list[str]) -> int:
+    """Show private sessions in the sessions API from now on (what kept them private is over)."""
+    return Session.objects.filter(pk__in=session_ids, private=True).update(private=False)
 
 
 _creators = PerLoop(_Creator)
@@ -282,7 +315,9 @@ def stored_reply(session_id: str) -> tuple[Session, str] | None:
 @database_sync_to_async
 def check_continuable(session_id: str) -> None:
     """Raise what `open_session` would for this session, before a stream's response starts."""
-    session = Session.objects.filter(pk=session_id).only("status", "updated_at").first()
+    session = (
+        Session.objects.filter(pk=session_id, private=False).only("status", "updated_at").first()
+    )
     if session is None:
         raise SessionNotFound(f"Session {session_id} does not exist")
     if (

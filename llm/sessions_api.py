@@ -18,6 +18,15 @@ from .schemas import ErrorDetail, ErrorOut, Text, UsageOut
 router = Router(tags=["sessions"], auth=api_token)
 
 
+def readable(request: HttpRequest) -> QuerySet[Session]:
+    """The sessions this caller may read: all of them for staff, the others only those not
+    `private` (a private one reads as not found)."""
+    user = request.auth  # set by ninja's auth
+    if getattr(user, "is_staff", False):
+        return Session.objects.all()
+    return Session.objects.filter(private=False)
+
+
 class MessageOut(Schema):
     position: int
     role: Literal["system", "user", "assistant"]
@@ -101,7 +110,7 @@ class SessionPages(PageNumberPagination):
 )
 @paginate(SessionPages, page_size=50, max_page_size=100)
 async def list_sessions(request: HttpRequest, filters: Query[SessionFilters]) -> QuerySet[Session]:
-    return filters.filter(Session.objects.all())
+    return filters.filter(readable(request))
 
 
 @router.get(
@@ -113,7 +122,7 @@ async def get_session(request: HttpRequest, session_id: UUID) -> Session:
     ordered = Prefetch(
         "messages", queryset=Message.objects.order_by("position"), to_attr="ordered_messages"
     )
-    session = await Session.objects.prefetch_related(ordered).filter(pk=session_id).afirst()
+    session = await readable(request).prefetch_related(ordered).filter(pk=session_id).afirst()
     if session is None:
         raise SessionNotFound(f"Session {session_id} does not exist")
     return session

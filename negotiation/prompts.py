@@ -25,8 +25,9 @@ __all__ = [
     "DECISION_SCHEMA",
     "SideView",
     "decision",
-    "fallback_message",
+    "narrated_message",
     "narration",
+    "statement",
     "tidy_message",
     "view_of",
     "without_private",
@@ -95,25 +96,74 @@ def _persona(view: SideView) -> str:
     return f" You are {view.persona}." if view.persona else ""
 
 
+def statement(view: SideView, action: str, price: float | None) -> str:
+    """The decided move in plain words: what a `narrated` message must say, and says at least."""
+    if action == "accept" and price is not None:
+        return f"I accept your price of {format_price(price)}."
+    if action == "offer" and price is not None:
+        if view.side == "seller":
+            return f"I can sell it to you for {format_price(price)}."
+        return f"I can pay {format_price(price)}."
+    if action == "walk_away":
+        return "I'll pass, thank you."
+    return "No, thank you."
+
+
 def narration(view: SideView, game: Game, action: str, price: float) -> list[Message]:
-    """The `narrated` policy: word a decided move in one short message (the private number is
-    not given: the decision is already made, and the model cannot leak what it does not know)."""
+    """The `narrated` policy: word a decided move in one short sentence. The model is not given
+    the private number (the decision is made; it cannot leak what it does not know), and only
+    the other side's last message: a 135M model follows a short prompt, not a transcript
+    (measured on SmolLM2-135M: about half its sentences then say the move well)."""
     them = view.counterpart
-    if action == "accept":
-        task = f"Tell the {them} you accept their price of {format_price(price)}."
-    else:
-        task = f"Tell the {them} you offer {format_price(price)}."
+    theirs = next((m for m in reversed(game.moves) if m.side == them and m.message), None)
+    heard = f'The {them} said: "{theirs.message}"\n' if theirs is not None else ""
     return [
         {
             "role": "system",
             "content": (
-                f"You are the {view.side} in a friendly negotiation over {view.item.title!r} "
-                f"(list price {format_price(view.list_price)}).{_persona(view)} "
-                f"Write one short sentence to the {them}, at most 25 words. Mention no other price."
+                f"You are a {view.side} haggling over {view.item.title!r}.{_persona(view)} "
+                f"Reply to the {them} with one short, friendly sentence."
             ),
         },
-        {"role": "user", "content": f"{_history(view, game)}\n\n{task}"},
+        {
+            "role": "user",
+            "content": f"{heard}In one sentence, tell the {them}: {statement(view, action, price)}",
+        },
     ]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# What reads as a price: "$20", "$1,234.50", "561.75" (not "12V" or "100Ah" of a product's name).
+_MONEY = re.compile(r"\$\s?\d[\d,]*(?:\.\d+)?|\b\d[\d,]*\.\d{2}\b")
+
+
+def narrated_message(text: str, view: SideView, action: str, price: float | None) -> str:
+    """A model's wording of a decided move, kept honest: its first sentence whose figures are all
+    the move's price (a small model invents other prices), and the move said plainly after it
+    when that sentence does not give the price."""
+    said = statement(view, action, price)
+    kept = ""
+    figures: list[float | None] = []
+    for sentence in _SENTENCE_END.split(tidy_message(text)):
+        sentence = sentence.strip().strip("\"'").strip()
+        figures = [_figure(match) for match in _MONEY.findall(sentence)]
+        if len(sentence) < 2 or len(sentence) > 240:
+            continue
+        if all(f is not None and price is not None and abs(f - price) < 0.005 for f in figures):
+            kept = sentence
+            break
+    if not kept:
+        return said
+    if figures and price is not None:
+        return kept  # it says the price itself
+    return f"{kept} {said}"
+
+
+def _figure(text: str) -> float | None:
+    try:
+        return float(text.lstrip("$ ").replace(",", ""))
+    except ValueError:
+        return None
 
 
 def decision(view: SideView, game: Game, refused: str | None = None) -> list[Message]:
@@ -182,14 +232,3 @@ def tidy_message(text: str) -> str:
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
         text = text[1:-1].strip()
     return text[:MESSAGE_MAX]
-
-
-def fallback_message(view: SideView, action: str, price: float | None) -> str:
-    """What a side says when its model wrote nothing usable."""
-    if action == "accept" and price is not None:
-        return f"Deal at {format_price(price)}."
-    if action == "offer" and price is not None:
-        return f"I can do {format_price(price)}."
-    if action == "walk_away":
-        return "I'll pass, thank you."
-    return "No, thank you."

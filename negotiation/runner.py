@@ -23,7 +23,7 @@ from typing import Any
 
 from django.conf import settings
 
-from llm import Broadcaster, InvalidOutput, NegotiatorError
+from llm import Broadcaster, InvalidOutput, NegotiatorError, reveal
 from llm.exceptions import InternalError, InvalidRequest
 
 from . import store
@@ -86,14 +86,19 @@ class Run:
         self.id = record.id
         self.game = Game(record.max_turns, record.opening, record.moves)
         max_tokens = settings.NEGOTIATION_MESSAGE_MAX_TOKENS
+        # Against a person, a model's prompts (its private number in them) stay out of the
+        # sessions API until the negotiation ends.
+        self.private = any(record.config(side).policy == "human" for side in SIDES)
         self.policies: dict[Side, Policy] = {
             side: policy_class(record.config(side).policy)(
                 view_of(record.scenario, side, record.config(side).persona),
                 record.config(side),
                 max_tokens=max_tokens,
+                private=self.private,
             )
             for side in SIDES
         }
+        self._sessions: list[str] = []  # of the generations this run made
         self.status = "running"
         self.ended_by = ""
         self.error: NegotiatorError | None = None
@@ -240,6 +245,12 @@ class Run:
             )
         except Exception:
             logger.exception("could not store the end of negotiation %s", self.id)
+        if self.private and self.status != "interrupted":  # over: nothing left to keep back
+            sessions = {*self._sessions, *(m.session_id for m in self.game.moves if m.session_id)}
+            try:
+                await reveal(sorted(sessions))
+            except Exception:
+                logger.exception("could not reveal the sessions of negotiation %s", self.id)
         end: dict[str, Any] = {
             "type": "end",
             "status": self.status,
@@ -299,6 +310,8 @@ class Run:
                 proposal = None
                 continue
             tokens += proposal.tokens
+            if proposal.session_id:
+                self._sessions.append(proposal.session_id)
             try:
                 price = check(self.game, side, proposal.action, proposal.price)
             except RuleViolation as exc:

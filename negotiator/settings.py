@@ -243,7 +243,7 @@ LLM = {
 # How long a negotiation waits for a person's move before it ends (`ended_by: "timeout"`).
 NEGOTIATION_HUMAN_TIMEOUT = _number("NEGOTIATION_HUMAN_TIMEOUT", 300)
 # `max_tokens` of a model's message in a negotiation (the `llm` policy gets room for its JSON too).
-NEGOTIATION_MESSAGE_MAX_TOKENS = _number("NEGOTIATION_MESSAGE_MAX_TOKENS", 60, int)
+NEGOTIATION_MESSAGE_MAX_TOKENS = _number("NEGOTIATION_MESSAGE_MAX_TOKENS", 40, int)
 # How the `narrated` strategy concedes unless a side says otherwise: < 1 late, 1 linearly,
 # > 1 early.
 NEGOTIATION_BETA = _number("NEGOTIATION_BETA", 1.0)

@@ -80,10 +80,15 @@ class Policy(ABC):
     # Whether a person plays: the runner then waits for moves instead of asking a model.
     human: ClassVar[bool] = False
 
-    def __init__(self, view: SideView, config: SideConfig, *, max_tokens: int) -> None:
+    def __init__(
+        self, view: SideView, config: SideConfig, *, max_tokens: int, private: bool = False
+    ) -> None:
         self.view = view
         self.config = config
         self.max_tokens = max_tokens
+        # Its generations' sessions kept out of the sessions API while the negotiation runs (a
+        # person plays the other side: the prompts hold this side's private number).
+        self.private = private
 
     @abstractmethod
     async def propose(self, game: Game, *, refused: str | None, on_text: TextSink) -> Proposal:
@@ -108,6 +113,7 @@ class Policy(ABC):
                 response_format=response_format,
             ),
             provider_alias=self.config.provider,
+            private=self.private,
         )
         async with aclosing(generation.events()) as events:
             async for event in events:

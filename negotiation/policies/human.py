@@ -25,8 +25,10 @@ class HumanPolicy(Policy):
     name = "human"
     human = True
 
-    def __init__(self, view: SideView, config: SideConfig, *, max_tokens: int) -> None:
-        super().__init__(view, config, max_tokens=max_tokens)
+    def __init__(
+        self, view: SideView, config: SideConfig, *, max_tokens: int, private: bool = False
+    ) -> None:
+        super().__init__(view, config, max_tokens=max_tokens, private=private)
         self._moves: asyncio.Queue[Proposal] = asyncio.Queue()
         self._last: Proposal | None = None
         self.waiting = False

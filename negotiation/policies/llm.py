@@ -13,7 +13,7 @@ from typing import Any
 
 from llm import FieldReader, ResponseFormat
 
-from ..prompts import DECISION_SCHEMA, decision, fallback_message, tidy_message, without_private
+from ..prompts import DECISION_SCHEMA, decision, statement, tidy_message, without_private
 from ..rules import ACTIONS, Action, Game, finite_float
 from .base import Policy, Proposal, TextSink
 
@@ -57,7 +57,7 @@ class LLMPolicy(Policy):
         price = finite_float(output.get("price"))
         if action in ("reject", "walk_away"):
             price = None  # "otherwise 0", as the prompt says: no price for these
-        message = tidy_message(str(output.get("message") or "")) or fallback_message(
+        message = tidy_message(str(output.get("message") or "")) or statement(
             self.view, action, price
         )
         message = without_private(message, self.view.reservation, price)

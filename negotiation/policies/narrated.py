@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from django.conf import settings
 
-from ..prompts import SideView, fallback_message, narration, tidy_message, without_private
+from ..prompts import SideView, narrated_message, narration, without_private
 from ..rules import Game
 from ..strategies import Concession
 from .base import Policy, Proposal, SideConfig, TextSink
@@ -19,8 +19,10 @@ from .base import Policy, Proposal, SideConfig, TextSink
 class NarratedPolicy(Policy):
     name = "narrated"
 
-    def __init__(self, view: SideView, config: SideConfig, *, max_tokens: int) -> None:
-        super().__init__(view, config, max_tokens=max_tokens)
+    def __init__(
+        self, view: SideView, config: SideConfig, *, max_tokens: int, private: bool = False
+    ) -> None:
+        super().__init__(view, config, max_tokens=max_tokens, private=private)
         beta = config.beta if config.beta is not None else settings.NEGOTIATION_BETA
         if view.side == "seller":
             self.strategy = Concession.for_seller(view.list_price, view.reservation, beta=beta)
@@ -32,9 +34,7 @@ class NarratedPolicy(Policy):
         reply = await self.generate(
             narration(self.view, game, decision.action, decision.price), on_text
         )
-        message = tidy_message(reply.text)
-        if not message:
-            message = fallback_message(self.view, decision.action, decision.price)
+        message = narrated_message(reply.text, self.view, decision.action, decision.price)
         # It never knew the number; a figure that happens to equal it is blanked all the same.
         message = without_private(message, self.view.reservation, decision.price)
         return Proposal(decision.action, decision.price, message, reply.session_id, reply.tokens)

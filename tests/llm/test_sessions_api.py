@@ -447,3 +447,23 @@ async def test_rate_limit_does_not_apply_to_reading_sessions(settings: Any) -> N
     client = AsyncClient()
     for _ in range(4):
         assert (await client.get(SESSIONS)).status_code == 200
+
+
+async def test_a_private_session_is_read_by_staff_only(token_set: str) -> None:
+    """A private session (a negotiating model's, while a person plays against it: its prompt
+    holds a private number) is neither listed nor readable with the API token; staff see it."""
+    private = await make_session(private=True, texts=(("system", "Your cost is $243.19."),))
+    public = await make_session()
+    holder = {"Authorization": f"Bearer {TOKEN}"}
+    client = AsyncClient()
+    listed = await client.get("/api/v1/sessions", headers=holder)
+    assert [item["id"] for item in listed.json()["items"]] == [str(public.id)]
+    hidden = await client.get(f"/api/v1/sessions/{private.id}", headers=holder)
+    assert hidden.status_code == 404 and error_of(hidden)["code"] == "SESSION_NOT_FOUND"
+    assert "243.19" not in hidden.content.decode()
+
+    staff = AsyncClient()
+    await staff.aforce_login(await make_user("staffer", staff=True))
+    assert (await staff.get("/api/v1/sessions")).json()["count"] == 2
+    seen = await staff.get(f"/api/v1/sessions/{private.id}")
+    assert seen.status_code == 200 and "243.19" in seen.content.decode()

@@ -33,7 +33,7 @@ def forms(value: float) -> list[str]:
 
 def side_of(body: dict[str, Any]) -> str:
     system = body["messages"][0]["content"]
-    match = re.search(r"You are the (buyer|seller)", system)
+    match = re.search(r"You are (?:the|a) (buyer|seller)", system)
     assert match, system
     return match.group(1)
 

@@ -133,30 +133,35 @@ def narration(view: SideView, game: Game, action: str, price: float) -> list[Mes
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+# A sentence a small model writes about itself or its task rather than to the other side.
+_META = re.compile(
+    r"\b(AI|assistant|sentences?|language model|sorry|apologi[sz]e|error|misunderstanding|"
+    r"revised|rewrite|re-writ\w*|respond|response)\b",
+    re.IGNORECASE,
+)
 # What reads as a price: "$20", "$1,234.50", "561.75" (not "12V" or "100Ah" of a product's name).
 _MONEY = re.compile(r"\$\s?\d[\d,]*(?:\.\d+)?|\b\d[\d,]*\.\d{2}\b")
 
 
 def narrated_message(text: str, view: SideView, action: str, price: float | None) -> str:
-    """A model's wording of a decided move, kept honest: its first sentence whose figures are all
-    the move's price (a small model invents other prices), and the move said plainly after it
-    when that sentence does not give the price."""
+    """A model's wording of a decided move, kept honest. Of its whole sentences (one cut off by
+    `max_tokens` is not), those that give no price but the move's and do not talk about
+    themselves ("as an AI", "this sentence") are candidates: the first that gives the price is
+    the message, else the first, followed by the move said plainly; none: the move said plainly.
+    Measured on SmolLM2-135M: most of its replies offer one such sentence."""
     said = statement(view, action, price)
-    kept = ""
-    figures: list[float | None] = []
+    candidates: list[tuple[str, bool]] = []
     for sentence in _SENTENCE_END.split(tidy_message(text)):
         sentence = sentence.strip().strip("\"'").strip()
-        figures = [_figure(match) for match in _MONEY.findall(sentence)]
-        if len(sentence) < 2 or len(sentence) > 240:
+        if not 2 <= len(sentence) <= 240 or sentence[-1] not in ".!?" or _META.search(sentence):
             continue
+        figures = [_figure(match) for match in _MONEY.findall(sentence)]
         if all(f is not None and price is not None and abs(f - price) < 0.005 for f in figures):
-            kept = sentence
-            break
-    if not kept:
-        return said
-    if figures and price is not None:
-        return kept  # it says the price itself
-    return f"{kept} {said}"
+            candidates.append((sentence, bool(figures)))
+    for sentence, gives_price in candidates:
+        if gives_price:
+            return sentence
+    return f"{candidates[0][0]} {said}" if candidates else said
 
 
 def _figure(text: str) -> float | None:

@@ -11,4 +11,5 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
     path("playground/", playground.index, name="playground"),
+    path("playground/negotiations/", playground.negotiations, name="playground-negotiations"),
 ]

@@ -12,5 +12,6 @@ def index(request: HttpRequest) -> JsonResponse:
             "version": __version__,
             "docs": "/api/v1/docs",
             "playground": "/playground/",
+            "negotiations_playground": "/playground/negotiations/",
         }
     )

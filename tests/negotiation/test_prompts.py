@@ -73,6 +73,22 @@ def test_decision_tells_the_side_its_own_number_and_the_reason_it_was_refused() 
         ),
         # Nothing usable.
         ("", BUYER, "offer", 730.27, "I can pay $730.27."),
+        # Talk about itself, and a sentence cut off by max_tokens: neither is kept.
+        (
+            "As an AI assistant I can't. Here is a sentence for you! I can pay $730.27 for the",
+            BUYER,
+            "offer",
+            730.27,
+            "I can pay $730.27.",
+        ),
+        # The sentence that gives the price wins over an earlier one that gives none.
+        (
+            "Lovely day. I can pay $730.27 for it!",
+            BUYER,
+            "offer",
+            730.27,
+            "I can pay $730.27 for it!",
+        ),
         ('"That is $1,123.50, friend."', SELLER, "offer", 1123.5, "That is $1,123.50, friend."),
     ],
 )

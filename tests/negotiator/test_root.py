@@ -47,6 +47,7 @@ async def test_root_names_the_service_its_version_and_docs() -> None:
         "version": __version__,
         "docs": "/api/v1/docs",
         "playground": "/playground/",
+        "negotiations_playground": "/playground/negotiations/",
     }
     assert isinstance(body["version"], str) and body["version"]
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import uuid
 from collections.abc import Iterator
 from urllib.parse import quote
@@ -21,16 +20,8 @@ import pytest
 from testkit import servers
 from testkit.servers import ROOT, manage, project_env
 
-CHROMIUM = os.environ.get("CHROMIUM_PATH") or shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-quic",
-    "--no-first-run",
-]
+from .conftest import CHROMIUM, SKIP_REASON
+
 ARTIFACTS = ROOT / "test-artifacts"
 TOKEN = "playground-test-token"
 STAFF_PASSWORD = "staff-password-for-tests"
@@ -40,31 +31,9 @@ STAFF = f"staff-{uuid.uuid4().hex[:8]}"
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
 if not os.path.exists(CHROMIUM):
-    pytest.skip(
-        f"Chromium not found at {CHROMIUM}: "
-        "install it (`apt-get install -y chromium`, as .ci/run does) "
-        "or set CHROMIUM_PATH, then run `make test PYTEST_ARGS='-m browser'`",
-        allow_module_level=True,
-    )
+    pytest.skip(SKIP_REASON, allow_module_level=True)
 
-from playwright.sync_api import Browser, Page, Request, WebSocket, expect, sync_playwright  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
-        yield browser
-        browser.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context()
-    context.set_default_timeout(20_000)
-    page = context.new_page()
-    yield page
-    context.close()
+from playwright.sync_api import Browser, Page, Request, WebSocket, expect  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -39,8 +39,11 @@ run: $(VENV)/.run-installed
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py serve
 
+# Two workers (pytest-xdist); the tests of the bundled model stay together on one of them (one
+# model server per run). PYTEST_WORKERS=0 runs the suite in this process.
+PYTEST_WORKERS ?= 2
 test: $(VENV)/.test-installed
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 # Formatting, lint and types (settings in pyproject.toml's [tool.ruff] and [tool.mypy]): all three
 # run, and any failure fails the target.
@@ -51,9 +54,15 @@ check: $(VENV)/.test-installed
 	echo "$(PY) -m mypy"; $(PY) -m mypy || status=1; \
 	exit $$status
 
-# The relay against the physical limit: a table on stdout, JSON under bench/results/.
+# The relay against the physical limit, then negotiations at scale: a table each on stdout, JSON
+# under bench/results/. Both run whatever the first found (with --strict, a missed target fails
+# the target at the end).
 bench: $(VENV)/.test-installed
-	$(PY) bench/relay.py $(BENCH_ARGS)
+	@status=0; \
+	echo "$(PY) bench/relay.py $(BENCH_ARGS)"; $(PY) bench/relay.py $(BENCH_ARGS) || status=1; \
+	echo "$(PY) bench/negotiations.py $(BENCH_ARGS)"; \
+	$(PY) bench/negotiations.py $(BENCH_ARGS) || status=1; \
+	exit $$status
 
 # Resolve the locks again from pyproject.toml: the test set first, then the run set within it.
 lock: | $(PY)

@@ -4,6 +4,7 @@ fake upstream. Each starts on a random port and stops when its block ends."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,6 +15,14 @@ from pathlib import Path
 import httpx
 
 from llm.local_model import free_port
+
+
+def default_signals() -> None:
+    """In the child, before exec: SIGINT and SIGTERM act as in a terminal. A runner started in
+    the background (CI, pytest-xdist's workers) has SIGINT ignored, and children inherit that, so
+    a test that stops a server with Ctrl-C would otherwise wait for nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 class ServerDidNotStart(RuntimeError):
@@ -57,10 +66,23 @@ def process(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run `command` from the project root until the block ends; wait until `ready_url` answers."""
     proc = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        preexec_fn=default_signals,
     )
     try:
         wait_http(ready_url, proc, log)
+        # Another process may have taken the port between `free_port()` and the bind: then it is
+        # that one answering, and ours exits at once (address in use). Not a server of ours.
+        time.sleep(0.2)
+        if proc.poll() is not None:
+            raise ServerDidNotStart(
+                f"{ready_url} answered, but not from {command[:3]} (it exited with "
+                f"{proc.returncode}):\n{log.read_text(errors='replace')[-3000:]}"
+            )
         yield proc
     finally:
         proc.terminate()

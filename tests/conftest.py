@@ -151,3 +151,23 @@ async def upstream(llm_config: Callable[..., dict[str, Any]]) -> Any:
     llm_config(lm_studio={"base_url": url, "default_model": ""})
     yield fake
     await fake.stop()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, each worker counts rate limits in Redis under keys of its own: two
+    workers' tests of the same client address must not share a count."""
+    import os
+
+    from django.conf import settings
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and "redis" in settings.CACHES["default"]["BACKEND"].lower():
+        settings.CACHES["default"]["KEY_PREFIX"] = f"test-{worker}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`-n 2`), the tests that use the bundled model (and the browser tests,
+    which do too) run on one worker: one model server per run, as without xdist."""
+    for item in items:
+        if item.get_closest_marker("smollm2") or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.xdist_group("bundled-model"))

@@ -133,6 +133,7 @@ FACES: list[Callable[[int], Any]] = [
 ]
 
 
+@pytest.mark.slow
 async def test_twenty_real_replies_parse_and_validate_on_every_face(smollm2: str) -> None:
     validator = jsonschema.Draft202012Validator(SCHEMA)
     results = []

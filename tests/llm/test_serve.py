@@ -25,7 +25,7 @@ import pytest
 
 from llm.local_model import MODEL_ALIAS, answers, free_port
 from testkit import servers
-from testkit.servers import ROOT, manage, project_env, wait_http
+from testkit.servers import ROOT, default_signals, manage, project_env, wait_http
 
 # What `curl -N -X POST localhost:8000/api/v1/llm/generate -d '{...}'` sends (curl 7.88): `-d`
 # means a form content type, not JSON.
@@ -62,11 +62,6 @@ class Serve:
             pytest.fail(f"serve did not exit within {timeout:g} s of {name}:\n{self.console()}")
 
 
-def _default_sigint() -> None:
-    # As in a terminal, whatever the test runner's own disposition of SIGINT is.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @contextmanager
 def serve(tmp_path: Path, **overrides: str) -> Iterator[Serve]:
     """`manage.py serve` until the block ends; waits until daphne answers (so after the model)."""
@@ -86,7 +81,7 @@ def serve(tmp_path: Path, **overrides: str) -> Iterator[Serve]:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_default_sigint,
+            preexec_fn=default_signals,
         )
     try:
         wait_http(f"http://127.0.0.1:{port}/", process, log, timeout=90)

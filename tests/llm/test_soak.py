@@ -752,6 +752,7 @@ def stored_sessions() -> dict[str, tuple[Session, str]]:
     return {key: (by_id[sid], replies.get(sid, "")) for sid, key in first.items()}
 
 
+@pytest.mark.slow
 async def test_fault_soak_200_concurrent_sessions(
     chaos: ChaosUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:

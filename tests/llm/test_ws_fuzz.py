@@ -805,6 +805,7 @@ def _resolve(action: Action, sock: Socket, env: Env) -> Frame | None:
     return action.frame
 
 
+@pytest.mark.slow
 @hsettings(FUZZ, max_examples=80)
 @given(
     steps=st.lists(actions, min_size=1, max_size=14),

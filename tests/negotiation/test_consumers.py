@@ -74,7 +74,7 @@ async def error_after(comm: WebsocketCommunicator, timeout: float = 5.0) -> dict
     """The next `error` frame (a command naming a negotiation also follows it, so its snapshot
     may come first)."""
     frames = await until(comm, ("error",), timeout)
-    assert {f["type"] for f in frames[:-1]} <= {"negotiation"}, frames
+    assert {f["type"] for f in frames[:-1]} <= {"negotiation", "turn", "token", "move"}, frames
     return frames[-1]
 
 

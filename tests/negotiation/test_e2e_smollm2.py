@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from negotiation.schemas import NegotiationIn
 
 pytestmark = [
     pytest.mark.smollm2,
+    pytest.mark.slow,
     pytest.mark.django_db(transaction=True),
     pytest.mark.timeout(600),
     pytest.mark.usefixtures("close_clients"),
@@ -51,14 +53,17 @@ async def run_all(indices: list[int], **sides: Any) -> list[Any]:
 
 
 def assert_private(scenario: Any, moves: Any, sent: dict[str, list[str]]) -> None:
-    """Neither side's number is in the other side's prompts, unless its own side offered it (a
-    strategy conceding to its reservation at its last move makes that price public)."""
+    """Neither side's number is in the other side's prompts, unless some side offered exactly that
+    price (a strategy conceding to its reservation at its last move makes it public; the other
+    side's own concession may land on the same cent)."""
     offered = {f"{move.price:,.2f}" for move in moves if move.action == "offer" and move.price}
-    budget, cost = f"{scenario.buyer_budget:,.2f}", f"{scenario.seller_cost:,.2f}"
-    if budget not in offered:
-        assert not any(budget in prompt for prompt in sent["seller"]), sent["seller"]
-    if cost not in offered:
-        assert not any(cost in prompt for prompt in sent["buyer"]), sent["buyer"]
+    for secret, reader in ((scenario.buyer_budget, "seller"), (scenario.seller_cost, "buyer")):
+        figure = f"{secret:,.2f}"
+        if figure in offered:
+            continue
+        # The figure as a number of its own: $89.99 is not in $189.99.
+        alone = re.compile(rf"(?<![\d,.]){re.escape(figure)}(?!\d)")
+        assert not any(alone.search(prompt) for prompt in sent[reader]), (figure, sent[reader])
 
 
 async def prompts_of(negotiation_id: str) -> dict[str, list[str]]:
@@ -107,7 +112,8 @@ async def test_llm_sides_always_end_and_count_refused_moves(smollm2: str, settin
         assert row.metrics["turns"] == len(stored)
         # Both sides were told their own number, never the other's.
         sent = await prompts_of(run.id)
-        assert any(f"{row.buyer_budget:,.2f}" in prompt for prompt in sent["buyer"]), json.dumps(
-            sent
-        )[:500]
+        if sent["buyer"]:  # the seller may walk away before the buyer's first move
+            assert any(f"{row.buyer_budget:,.2f}" in p for p in sent["buyer"]), json.dumps(sent)[
+                :500
+            ]
         assert_private(run.record.scenario, run.game.moves, sent)

@@ -335,6 +335,7 @@ def test_ctrl_c_cancels_the_negotiation_and_exits_130(tmp_path: Path) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            preexec_fn=servers.default_signals,  # Ctrl-C works even if ours is ignored
         )
         try:
             assert process.stdout is not None

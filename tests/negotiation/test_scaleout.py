@@ -192,7 +192,8 @@ async def test_watchers_on_worker_b_see_exactly_what_the_starter_on_worker_a_see
         assert theirs.moves == mine.moves and theirs.end == mine.end
         for turn, text in theirs.texts.items():  # the raw reply; its message is tidied
             assert text == " " + MESSAGE, (moment, turn, text)
-            assert data["moves"][turn - 1]["message"].startswith(MESSAGE), (moment, turn)
+            move = data["moves"][turn - 1]
+            assert f"${move['price']:,.2f}" in move["message"], (moment, turn, move)
 
 
 async def test_a_human_move_sent_to_worker_b_reaches_the_negotiation_on_worker_a(

@@ -118,7 +118,8 @@ def test_daphne_recovers_at_start_and_closes_its_clients_at_stop(tmp_path: Path)
         finally:
             code = stop(proc)
         output = log.read_text()
-        assert "stopped 0 negotiation(s) and 0 generation(s); closed the providers' HTTP clients" in output, output
+        stopped = "stopped 0 negotiation(s) and 0 generation(s); closed the providers' HTTP clients"
+        assert stopped in output, output
         assert "Traceback" not in output, output
         assert code == 0, output
 
@@ -138,7 +139,8 @@ def test_a_reply_under_way_when_daphne_stops_is_stored_cancelled(tmp_path: Path)
         # of a channels consumer whose socket closes as daphne stops (python/cpython#113566),
         # after everything here has been stored.
         output = log.read_text()
-        assert "stopped 0 negotiation(s) and 1 generation(s); closed the providers' HTTP clients" in output, output
+        stopped = "stopped 0 negotiation(s) and 1 generation(s); closed the providers' HTTP clients"
+        assert stopped in output, output
         assert "LLM_BAD_GATEWAY" not in output, output
         assert status_of(database, session_id) == "cancelled"
         stored = reply_of(database, session_id)

@@ -156,6 +156,7 @@ def provider_down(llm_config: Callable[..., dict[str, Any]]) -> str:
 # The fuzzer -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @schema.parametrize()
 @hypothesis_settings(
     max_examples=EXAMPLES,

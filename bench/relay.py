@@ -13,94 +13,33 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
-from typing import Any
 
 import httpx
-import orjson
 import websockets
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import (  # noqa: E402
+    Reading,
+    Row,
+    direct,
+    machine,
+    percentile,
+    print_machine,
+    print_table,
+    report_missed,
+    server_env,
+    write_results,
+)
 from testkit import servers  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
-
-
-@dataclass
-class Row:
-    scenario: str
-    figure: str
-    relay: float
-    direct: float
-    value: float  # the figure compared with its target
-    target: str
-    met: bool
-    unit: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
-
-
 # Clients ---------------------------------------------------------------------------------------
-
-
-def count_tokens(text: str) -> int:
-    return text.count(" t")
-
-
-def stamps(text: str) -> list[float]:
-    return [float(part.split(" ", 1)[0]) for part in text.split("|")[1:]]
-
-
-@dataclass
-class Reading:
-    started: float
-    first_token: float = 0.0
-    last_token: float = 0.0
-    ended: float = 0.0
-    tokens: int = 0
-    sent: list[float] = field(default_factory=list)  # upstream send times embedded in the tokens
-    lags: list[float] = field(default_factory=list)  # receive time - send time, per token
-
-    def take(self, text: str, now: float, *, timestamps: bool = False) -> None:
-        if not self.first_token:
-            self.first_token = now
-        self.last_token = now
-        self.tokens += count_tokens(text)
-        if timestamps:
-            sent = stamps(text)
-            self.sent += sent
-            self.lags += [now - at for at in sent]
-
-
-async def direct(client: httpx.AsyncClient, upstream: str, model: str, **flags: bool) -> Reading:
-    """A plain httpx client on the upstream: one request, `aiter_lines`, JSON per event."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": "Hi"}],
-        "stream": True,
-        "max_tokens": 100000,
-    }
-    reading = Reading(time.perf_counter())
-    async with client.stream("POST", upstream + "/chat/completions", json=body) as response:
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            choices = json.loads(line[6:]).get("choices") or [{}]
-            text = (choices[0].get("delta") or {}).get("content")
-            if text:
-                reading.take(text, time.perf_counter(), **flags)
-    reading.ended = time.perf_counter()
-    return reading
 
 
 async def over_websocket(relay: str, model: str, **flags: bool) -> Reading:
@@ -216,9 +155,6 @@ async def concurrent_streams(
     _, direct_rate, direct_steady, direct_all, _ = await run("direct")
     offered, relay_rate, relay_steady, relay_all, delivered = await run("relay")
 
-    def p(values: list[float], q: float) -> float:
-        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
-
     ratio = relay_rate / offered
     details = {
         "offered_tokens_per_s": offered,
@@ -256,14 +192,14 @@ async def concurrent_streams(
         ("incl. start/end burst", relay_all, direct_all, None),
     ):
         for q in (0.50, 0.99):
-            added = p(relay_lags, q) - p(direct_lags, q)
+            added = percentile(relay_lags, q) - percentile(direct_lags, q)
             limit = target if q == 0.99 else None
             rows.append(
                 Row(
                     scenario,
                     f"added latency/token p{int(q * 100)}, {label} (ms)",
-                    p(relay_lags, q),
-                    p(direct_lags, q),
+                    percentile(relay_lags, q),
+                    percentile(direct_lags, q),
                     added,
                     f"<= {limit:g} ms" if limit else "-",
                     added <= limit if limit else True,
@@ -410,39 +346,6 @@ async def smollm2(relay: str, upstream: str, tokens: int, repeats: int) -> list[
 # Running ---------------------------------------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "cores": os.cpu_count(),
-        "cpu": next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")
-            ),
-            platform.processor(),
-        ),
-        "python": platform.python_version(),
-        "versions": {
-            name: version(name) for name in ("django", "channels", "daphne", "httpx", "orjson")
-        },
-    }
-
-
-def print_table(title: str, rows: list[Row]) -> None:
-    print(f"\n{title}")
-    header = (
-        f"{'scenario':<52} {'figure':<42} {'relay':>10} {'direct':>10} {'value':>8}  "
-        f"{'target':<10} met"
-    )
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        print(
-            f"{row.scenario[:52]:<52} {row.figure[:42]:<42} {row.relay:>10.1f} {row.direct:>10.1f} "
-            f"{row.value:>8.3f}  {row.target:<10} {'yes' if row.met else 'NO'}"
-        )
-
-
 async def run_backend(
     name: str,
     env_extra: dict[str, str],
@@ -450,21 +353,7 @@ async def run_backend(
     logs: Path,
     smollm2_url: str | None,
 ) -> list[Row]:
-    # Production settings (debug off: no per-query SQL logging), served over plain HTTP here; a
-    # pool of 400 upstream connections, since each of the 100 concurrent streams holds one (the
-    # default of 20 would queue the other 80), and warnings only (one INFO line per request).
-    env = servers.project_env(
-        logs,
-        **env_extra,
-        LLM_MAX_CONNECTIONS="400",
-        LLM_MAX_KEEPALIVE="400",
-        LOG_LEVEL="WARNING",
-        LLM_MAX_TOKENS="100000",
-        DJANGO_DEBUG="false",
-        DJANGO_SECRET_KEY="bench-" + "x" * 50,
-        DJANGO_SECURE_SSL_REDIRECT="false",
-        DJANGO_ALLOWED_HOSTS="127.0.0.1,localhost",
-    )
+    env = server_env(logs, **env_extra)
     rows: list[Row] = []
     with servers.fake_upstream(logs, "--tokens", "10") as upstream:
         env["LM_STUDIO_BASE_URL"] = upstream
@@ -502,10 +391,7 @@ async def main() -> int:
     args.idle = 100 if args.quick else 1000
 
     info = machine()
-    print(
-        f"machine: {info['cores']} cores, {info['cpu']}, Python {info['python']}; "
-        + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
-    )
+    print_machine(info)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         logs = Path(tmp)
@@ -533,23 +419,8 @@ async def main() -> int:
             )
             print_table("PostgreSQL + Redis", pg_rows)
             rows += pg_rows
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = RESULTS / f"relay-{stamp}.json"
-    path.write_bytes(
-        orjson.dumps(
-            {"machine": info, "quick": args.quick, "rows": [asdict(r) for r in rows]},
-            option=orjson.OPT_INDENT_2,
-        )
-    )
-    print(f"\nwritten: {path.relative_to(ROOT)}")
-    missed = [
-        f"{row.scenario}: {row.figure} = {row.value:.3f} (target {row.target})"
-        for row in rows
-        if not row.met
-    ]
-    for line in missed:
-        print(f"MISSED {line}")
+    write_results("relay", {"machine": info, "quick": args.quick}, rows)
+    missed = report_missed(rows)
     return 1 if missed and args.strict else 0
 
 

@@ -4,8 +4,11 @@ A socket follows any number of negotiations; every frame it gets names its `nego
 Following one is the relay's watch mechanism (`llm.Broadcaster` on the running process, the
 channel layer between workers): the process answers with a `negotiation` snapshot (the moves so
 far and the move being written) and the offset live frames resume from, so nothing is missing
-or doubled between the two, on any worker. The starter follows its negotiation the same way.
-Closing the socket stops following; the negotiations go on.
+or doubled between the two, on any worker. A negotiation running on this very process (the
+starter's, always) is followed the same way without the channel layer: the run hands over its
+snapshot and then each frame as it sends it (`Run.follow`), which spares a channel-layer message
+per frame (with Redis, round trips per token frame, and a capacity all of the worker's sockets
+share). Closing the socket stops following; the negotiations go on.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from llm.auth import client_key
@@ -23,7 +27,7 @@ from llm.ratelimit import check_rate
 
 from . import service
 from .exceptions import NegotiationNotFound, NegotiationUnavailable
-from .runner import KIND
+from .runner import KIND, Run
 from .schemas import CancelFrame, MoveFrame, StartFrame, WatchFrame
 
 __all__ = ["NegotiationConsumer"]
@@ -47,6 +51,9 @@ class _Watch:
         self.offset = 0
         self.buffer: list[dict[str, Any]] = []
         self.asker: asyncio.Task[None] | None = None
+        # Following a run of this process: the task forwarding its frames, and how to stop.
+        self.forwarder: asyncio.Task[None] | None = None
+        self.unfollow: Callable[[], None] | None = None
 
 
 class NegotiationConsumer(JSONFrameConsumer):
@@ -86,14 +93,19 @@ class NegotiationConsumer(JSONFrameConsumer):
     async def _watch(self, negotiation_id: str) -> None:
         if negotiation_id in self.watches:
             return  # already followed: its frames come here
-        stored = await service.describe(negotiation_id)  # NEGOTIATION_NOT_FOUND
-        if stored["status"] not in ("running",):
-            await self.send_json(_snapshot_frame(stored))
-            return
+        run = service.running_here(negotiation_id)
+        if run is None:
+            stored = await service.describe(negotiation_id)  # NEGOTIATION_NOT_FOUND
+            if stored["status"] not in ("running",):
+                await self.send_json(_snapshot_frame(stored))
+                return
         if len(self.watches) >= MAX_WATCHES:
             oldest = next(iter(self.watches))
             await self._stop_watching(oldest)
         watch = self.watches[negotiation_id] = _Watch(negotiation_id)
+        if run is not None:
+            await self._follow_here(watch, run)
+            return
         try:
             await self.channel_layer.group_add(
                 frames_group(negotiation_id, KIND), self.channel_name
@@ -103,6 +115,35 @@ class NegotiationConsumer(JSONFrameConsumer):
             await self._unanswered(watch)
             return
         watch.asker = asyncio.create_task(self._ask_for_snapshot(watch))
+
+    async def _follow_here(self, watch: _Watch, run: Run) -> None:
+        """Follow a run of this process: its snapshot, then its frames in order, straight from it
+        (a queue the run fills as it sends, drained by a task of this socket)."""
+        queue: asyncio.Queue[tuple[dict[str, Any], int]] = asyncio.Queue()
+
+        def follower(frame: dict[str, Any], offset: int) -> None:
+            queue.put_nowait((frame, offset))
+
+        snapshot = run.follow(follower)  # no await between the snapshot and the first frame
+        watch.unfollow = lambda: run.unfollow(follower)
+        watch.pending = False
+        watch.offset = snapshot["offset"]
+        await self.send_json(snapshot["frame"])
+        if snapshot["frame"]["status"] != "running":
+            await self._stop_watching(watch.negotiation_id)
+        elif self.watches.get(watch.negotiation_id) is watch:
+            watch.forwarder = asyncio.create_task(self._forward_here(watch, queue))
+
+    async def _forward_here(
+        self, watch: _Watch, queue: asyncio.Queue[tuple[dict[str, Any], int]]
+    ) -> None:
+        try:
+            while self.watches.get(watch.negotiation_id) is watch:
+                frame, offset = await queue.get()
+                await self._forward(watch, {"frame": frame, "offset": offset})
+        except Exception:
+            logger.exception("following %s failed", watch.negotiation_id)
+            await self._stop_watching(watch.negotiation_id)
 
     async def _ask_for_snapshot(self, watch: _Watch) -> None:
         """Ask the running process until it answers (it may not listen yet); after
@@ -200,8 +241,12 @@ class NegotiationConsumer(JSONFrameConsumer):
         watch = self.watches.pop(negotiation_id, None)
         if watch is None:
             return
-        if watch.asker is not None and watch.asker is not asyncio.current_task():
-            watch.asker.cancel()
+        for task in (watch.asker, watch.forwarder):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+        if watch.unfollow is not None:  # followed on this process: never in a group
+            watch.unfollow()
+            return
         with contextlib.suppress(Exception):
             await self.channel_layer.group_discard(
                 frames_group(negotiation_id, KIND), self.channel_name

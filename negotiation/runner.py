@@ -7,8 +7,9 @@ No agent framework (the note in ../shared/notes/negotiation.md says why): the st
 `rules.Game` plus stored rows, so a negotiation resumes from its last stored move. It runs in a
 task on the server that received it; closing a socket does not stop it, `cancel()` does (its
 generation's upstream request is closed with it). Frames go to local listeners (the CLI, the
-benchmark) and, once someone watches, to the channel layer through `llm.Broadcaster`, with an
-offset per frame so a watcher on any worker gets nothing missing or doubled after its snapshot.
+benchmark), to the sockets of this process that follow it (`follow`), and, once someone on
+another worker watches, to the channel layer through `llm.Broadcaster`, with an offset per frame
+so a watcher anywhere gets nothing missing or doubled after its snapshot.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ logger = logging.getLogger("negotiation.runner")
 # The channel-layer names of negotiations (`negotiation.session.<id>`, `negotiation.frame`...).
 KIND = "negotiation"
 Listener = Callable[[dict[str, Any]], None]
+# Called with each frame and its offset as it is sent (a `move` once stored).
+Follower = Callable[[dict[str, Any], int], None]
 
 # The runs under way in this process, by id.
 _runs: dict[str, Run] = {}
@@ -108,6 +111,7 @@ class Run:
         self.finished_at: float | None = None
         self._offset = 0
         self._listeners: list[Listener] = []
+        self._followers: list[Follower] = []
         self._stop_as = "cancel"  # or "restart" when the server stops
         self._task: asyncio.Task[None] | None = None
         self.done = asyncio.Event()
@@ -157,9 +161,27 @@ class Run:
         """Call `listener` with every later frame (in this process: the CLI, the benchmark)."""
         self._listeners.append(listener)
 
+    def follow(self, follower: Follower) -> dict[str, Any]:
+        """Call `follower(frame, offset)` with every frame sent from now on, in order, and return
+        the snapshot they resume from (as `snapshot()`): a socket on this process follows the run
+        so, with no channel layer between (with Redis: round trips for every frame, and a capacity
+        that all of the process's sockets share)."""
+        self._followers.append(follower)
+        return self.snapshot()
+
+    def unfollow(self, follower: Follower) -> None:
+        with contextlib.suppress(ValueError):
+            self._followers.remove(follower)
+
     async def _emit(self, frame: dict[str, Any]) -> None:
         """Send a frame; its offset is taken before any await, with the state it reports."""
-        await self.broadcaster.publish(*self._stamp(frame))
+        await self._send(*self._stamp(frame))
+
+    async def _send(self, frame: dict[str, Any], offset: int) -> None:
+        """To the followers on this process, then to watchers elsewhere (if any watch)."""
+        for follower in list(self._followers):
+            follower(frame, offset)
+        await self.broadcaster.publish(frame, offset)
 
     def _stamp(self, frame: dict[str, Any]) -> tuple[dict[str, Any], int]:
         """The frame as sent, and its offset (taken now), given to the local listeners."""
@@ -283,7 +305,7 @@ class Run:
             try:
                 await store.store_move(self.id, move, reason=reason, tokens=tokens)
             finally:
-                await self.broadcaster.publish(stamped, offset)
+                await self._send(stamped, offset)
 
     async def _turn(self, side: Side) -> tuple[Move, str, int]:
         """Ask `side` for its move; once more with the reason if the rules refuse it."""

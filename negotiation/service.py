@@ -37,6 +37,7 @@ __all__ = [
     "library_scenario",
     "move",
     "resume",
+    "running_here",
     "scenario_of",
     "start",
 ]
@@ -139,6 +140,11 @@ async def cancel(negotiation_id: str) -> str:
             return str(answer["status"])
     # Nobody runs it: an interrupted one (or one whose process is gone) is cancelled here.
     return await _cancel_stored(negotiation_id)
+
+
+def running_here(negotiation_id: str) -> Run | None:
+    """The run of `negotiation_id` if it runs on this process (on this event loop)."""
+    return _local(negotiation_id)
 
 
 def _local(negotiation_id: str) -> Run | None:

@@ -1,0 +1,1 @@
+"""The benchmarks' own code (bench/): it starts, and its arithmetic is right."""

@@ -39,6 +39,8 @@ MESSAGE = " ".join(f"t{i}" for i in range(12))
 def said_the_move(move: dict[str, Any]) -> bool:
     """A narrated message says its move's price (the fake's words, no sentence, are dropped)."""
     return f"${move['price']:,.2f}" in move["message"]
+
+
 BODY = {**CUSTOM, "max_turns": 6}
 ENDED = ("deal", "no_deal")
 

@@ -497,7 +497,12 @@ async def test_a_person_who_does_not_move_in_time_ends_it_without_a_deal(
     assert "no_deal" in error_of(late, "NEGOTIATION_OVER", 409)
 
 
-async def test_an_interrupted_negotiation_resumes_to_its_end(api: AsyncClient) -> None:
+async def test_an_interrupted_negotiation_resumes_to_its_end(
+    api: AsyncClient, upstream: FakeUpstream
+) -> None:
+    # Slow moves (about 0.4 s each), so the stop lands mid-negotiation even on a loaded machine:
+    # with instant replies CI once saw all six moves made before the stop.
+    upstream.default = Reply(tokens=["Let", "'s", " talk", "."], delay=0.1)
     started = await start(api, {**CUSTOM, "max_turns": 6})
     nid = started["id"]
     await until_moves(api, nid, 1)

@@ -154,15 +154,34 @@ async def upstream(llm_config: Callable[..., dict[str, Any]]) -> Any:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist, each worker counts rate limits in Redis under keys of its own: two
-    workers' tests of the same client address must not share a count."""
+    """Under pytest-xdist, each worker uses a Redis database of its own (cache and channel layer
+    for this process, another for the scale-out tests' servers): `cache.clear()` is Redis's
+    FLUSHDB, which a key prefix does not fence, so one worker's clear once reset another's rate
+    limit count mid-test (CI, PostgreSQL + Redis pass)."""
     import os
 
     from django.conf import settings
 
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker and "redis" in settings.CACHES["default"]["BACKEND"].lower():
-        settings.CACHES["default"]["KEY_PREFIX"] = f"test-{worker}"
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return
+    number = int(worker[2:])
+    if settings.REDIS_URL:
+        own = _redis_database(settings.REDIS_URL, 1 + number)
+        settings.REDIS_URL = os.environ["REDIS_URL"] = own
+        settings.CACHES["default"]["LOCATION"] = own
+        settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [own]
+    scaleout = os.environ.get("SCALEOUT_REDIS_URL", "redis://127.0.0.1:6379/0")
+    os.environ["SCALEOUT_REDIS_URL"] = _redis_database(scaleout, 8 + number)
+
+
+def _redis_database(url: str, offset: int) -> str:
+    """`url` with its database number moved by `offset` (Redis has 16: 0 to 15)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    base = int(parts.path.strip("/") or 0)
+    return urlunsplit(parts._replace(path=f"/{(base + offset) % 16}"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

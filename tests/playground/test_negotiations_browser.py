@@ -270,8 +270,10 @@ def test_two_agents_of_the_bundled_model_bargain_live(page: Page, smollm2_site: 
     expect(page.locator("#chart-svg [data-deal]")).to_have_count(
         1 if negotiation["metrics"]["deal"] else 0
     )
-    # The past list has it, first.
-    expect(page.locator("#past-rows tr").first).to_have_attribute("data-id", negotiation_id)
+    # The past list has it, with its outcome (not necessarily first: on PostgreSQL the servers
+    # of the other test worker share the database, and may have started one since).
+    row = page.locator(f"#past-rows tr[data-id='{negotiation_id}']")
+    expect(row).to_have_attribute("data-status", negotiation["status"])
 
 
 # (b)-(g) The scripted fake upstream -------------------------------------------------------------

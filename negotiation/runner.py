@@ -114,6 +114,8 @@ class Run:
         self._followers: list[Follower] = []
         self._stop_as = "cancel"  # or "restart" when the server stops
         self._task: asyncio.Task[None] | None = None
+        self._begun = False  # whether the task has taken its first step
+        self._stopping = False
         self.done = asyncio.Event()
         self.broadcaster = Broadcaster(
             self.id,
@@ -208,15 +210,23 @@ class Run:
         `cancelled` (or `interrupted`, resumable, when the server is stopping)."""
         if as_restart:
             self._stop_as = "restart"
-        if self._task is not None and not self._task.done():
+        self._stopping = True
+        # A task cancelled before its first step never runs its coroutine, so never its `finally`:
+        # the end would be neither stored nor sent. Until then, `_run` sees the flag instead.
+        if self._begun and self._task is not None and not self._task.done():
             self._task.cancel()
 
     async def _run(self) -> None:
+        self._begun = True
         started = time.monotonic()
-        await self.broadcaster.start()
         beat = store.heartbeat()
         beat.track(self.id)
         try:
+            if self._stopping:
+                raise asyncio.CancelledError
+            # Inside the `try`: with Redis this is a round trip, and a cancel that lands in it
+            # once left the negotiation `running` for good (seen in CI).
+            await self.broadcaster.start()
             await self._play()
             outcome = self.game.outcome
             assert outcome is not None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
+from llm.broadcast import Broadcaster
 from negotiation import service
 from negotiation.models import Negotiation
 from negotiation.schemas import NegotiationIn
@@ -37,3 +39,43 @@ async def test_two_narrated_sides_reach_a_deal_inside_the_zone(upstream: FakeUps
     assert await row.moves.acount() == len(run.game.moves)
     bodies = [str(r) for r in upstream.chat_requests]
     assert bodies
+
+
+async def ended_cancelled(run: Any) -> None:
+    """The run stopped within a second: `cancelled`, stored so, and its `end` frame sent."""
+    frames: list[dict[str, Any]] = []
+    run.listen(frames.append)
+    started = asyncio.get_running_loop().time()
+    await run.stop(timeout=5)
+    assert asyncio.get_running_loop().time() - started < 1.0
+    assert run.done.is_set() and (run.status, run.ended_by) == ("cancelled", "cancel")
+    assert [f["type"] for f in frames][-1:] == ["end"], frames
+    row = await Negotiation.objects.aget(pk=run.id)
+    assert (row.status, row.ended_by) == ("cancelled", "cancel")
+
+
+async def test_a_cancel_before_the_run_takes_its_first_step_still_ends_it(
+    upstream: FakeUpstream,
+) -> None:
+    # service.start returns with the task created, not yet run: a task cancelled then never runs
+    # its coroutine, and the negotiation stayed `running` with nothing sent.
+    run = await service.start(NegotiationIn(**CUSTOM, max_turns=8))
+    await ended_cancelled(run)
+    assert upstream.chat_requests == []
+
+
+async def test_a_cancel_while_the_run_joins_the_channel_layer_still_ends_it(
+    upstream: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With Redis, joining the layer is a round trip; a cancel landing in it (CI saw one) must end
+    # the negotiation like any other.
+    joining = asyncio.Event()
+
+    async def slow_start(self: Broadcaster) -> None:
+        joining.set()
+        await asyncio.sleep(30)
+
+    monkeypatch.setattr(Broadcaster, "start", slow_start)
+    run = await service.start(NegotiationIn(**CUSTOM, max_turns=8))
+    await asyncio.wait_for(joining.wait(), 5)
+    await ended_cancelled(run)

@@ -65,6 +65,7 @@ class Broadcaster:
         self.layer = get_channel_layer()
         self._channel: str | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._sending: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         """Listen for watchers; a layer that is down only means nobody can watch this one."""
@@ -87,6 +88,10 @@ class Broadcaster:
         self._listener = asyncio.create_task(self._listen())
 
     async def publish(self, frame: Mapping[str, Any], offset: int | None = None) -> None:
+        """Send a frame to the watchers. A frame being sent when the stream is cancelled still
+        goes, before any later one (its end): its text is in the reply, so watchers need it. With
+        Redis a send is several round trips, and a client leaving in one of them once cost a
+        watcher the reply's last token (CI)."""
         if not self.watched or self.layer is None:
             return
         message = {
@@ -95,12 +100,22 @@ class Broadcaster:
             "frame": frame,
             "offset": offset,
         }
+        previous = self._sending
+        if previous is not None and not previous.done():  # only after a cancel
+            await asyncio.shield(previous)
+        self._sending = asyncio.ensure_future(self._send(message))
+        await asyncio.shield(self._sending)
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        assert self.layer is not None
         try:
             await self.layer.group_send(frames_group(self.session_id, self.kind), message)
         except Exception:  # a broken layer must never break the generation itself
             logger.exception("could not publish a frame of %s %s", self.kind, self.session_id)
 
     async def stop(self) -> None:
+        if self._sending is not None and not self._sending.done():
+            await asyncio.shield(self._sending)  # `_send` raises nothing
         if self._listener is not None:
             await cancel_and_wait(self._listener)
         if self._channel is not None and self.layer is not None:

@@ -448,8 +448,10 @@ class Run:
 
 
 async def stop_all(timeout: float = 5.0) -> int:
-    """End every negotiation under way here as `interrupted` (resumable): a server stopping."""
-    stopping = list(_runs.values())
+    """End every negotiation under way here as `interrupted` (resumable): a server stopping.
+    Only those of this event loop (a server has one): another loop's run cannot be awaited here."""
+    loop = asyncio.get_running_loop()
+    stopping = [run for run in _runs.values() if run._task and run._task.get_loop() is loop]
     if stopping:
         await asyncio.gather(*(run.stop(as_restart=True, timeout=timeout) for run in stopping))
     return len(stopping)

@@ -12,13 +12,11 @@ import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from channels.testing import WebsocketCommunicator
 
-from negotiation.runner import stop_all
 from negotiator.asgi import application
 from testkit.fake_upstream import FakeUpstream, Reply
 from tests.negotiation.ws import (
@@ -36,19 +34,16 @@ from tests.negotiation.ws import (
     wait_for_status,
 )
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(60),
+    pytest.mark.usefixtures("no_run_left"),
+]
 
 FINE = ["Fine", " by", " me."]
 # Seven frames a move (turn, five tokens, move) 20 ms a token; watching uses ws.echo_prices
 # (nine frames a move).
 SLOW_TOKENS = ["Fine", " by", " me", ",", " friend."]
-
-
-@pytest.fixture(autouse=True)
-async def _no_run_left(close_clients: None) -> AsyncIterator[None]:
-    """Whatever a test leaves running is stopped before the providers and the database go."""
-    yield
-    await stop_all(timeout=5)
 
 
 def origin(value: str) -> list[tuple[bytes, bytes]]:

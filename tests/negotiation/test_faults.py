@@ -26,7 +26,7 @@ from negotiation.models import Move as MoveRow
 from negotiation.models import Negotiation
 from negotiation.policies.human import HumanPolicy
 from negotiation.rules import GameOver, Move
-from negotiation.runner import Run, stop_all
+from negotiation.runner import Run
 from negotiation.schemas import NegotiationIn, SideIn
 from testkit.fake_upstream import FakeUpstream, Reply
 from tests.negotiation.ws import (
@@ -43,16 +43,14 @@ from tests.negotiation.ws import (
     wait_for_status,
 )
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(60),
+    pytest.mark.usefixtures("no_run_left"),
+]
 
 FINE = ["Fine", " by", " me."]
 SLOW = Reply(tokens=[f" t{i}" for i in range(300)], delay=0.03)  # 9 s a move, unless stopped
-
-
-@pytest.fixture(autouse=True)
-async def _no_run_left(close_clients: None) -> AsyncIterator[None]:
-    yield
-    await stop_all(timeout=5)
 
 
 @pytest.fixture

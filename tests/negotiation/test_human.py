@@ -7,14 +7,12 @@ invalid move, and a person who never moves (`ended_by: "timeout"`).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from channels.testing import WebsocketCommunicator
 from django.test import AsyncClient
 
-from negotiation.runner import stop_all
 from testkit.fake_upstream import FakeUpstream, Reply
 from tests.negotiation.ws import (
     CUSTOM,
@@ -28,16 +26,14 @@ from tests.negotiation.ws import (
     wait_for_status,
 )
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
+pytestmark = [
+    pytest.mark.django_db(transaction=True),
+    pytest.mark.timeout(60),
+    pytest.mark.usefixtures("no_run_left"),
+]
 
 FINE = ["Fine", " by", " me."]
 BUDGET, COST = CUSTOM["buyer_budget"], CUSTOM["seller_cost"]
-
-
-@pytest.fixture(autouse=True)
-async def _no_run_left(close_clients: None) -> AsyncIterator[None]:
-    yield
-    await stop_all(timeout=5)
 
 
 class Buyer:

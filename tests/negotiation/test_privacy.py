@@ -13,7 +13,7 @@ from negotiation import service
 from negotiation.schemas import NegotiationIn
 from testkit.fake_upstream import FakeUpstream, Reply
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_clients")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("no_run_left")]
 
 # Figures no other number of the scenario can produce by chance.
 BUDGET, COST = 777.77, 333.33

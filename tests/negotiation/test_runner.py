@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from llm.broadcast import Broadcaster
-from negotiation import service
+from negotiation import runner, service
 from negotiation.models import Negotiation
 from negotiation.schemas import NegotiationIn
 from testkit.fake_upstream import FakeUpstream, Reply
 
-pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("close_clients")]
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("no_run_left")]
 
 CUSTOM: dict[str, Any] = {
     "item": {"title": "Road bike", "category": "sports"},
@@ -79,3 +80,21 @@ async def test_a_cancel_while_the_run_joins_the_channel_layer_still_ends_it(
     run = await service.start(NegotiationIn(**CUSTOM, max_turns=8))
     await asyncio.wait_for(joining.wait(), 5)
     await ended_cancelled(run)
+
+
+async def test_stopping_the_server_leaves_runs_of_other_event_loops_alone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A server has one loop; a run of another (a test's leftover) cannot be awaited from this one,
+    # and waiting for it once made an ASGI lifespan shutdown overrun its 5 s (CI).
+    other = asyncio.new_event_loop()
+    task = other.create_future()  # what the check reads of a run's task: its loop
+
+    async def never(**_: Any) -> None:
+        raise AssertionError("a run of another loop was stopped")
+
+    monkeypatch.setitem(runner._runs, "elsewhere", SimpleNamespace(_task=task, stop=never))
+    try:
+        assert await runner.stop_all(timeout=5) == 0
+    finally:
+        other.close()

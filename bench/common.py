@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -56,6 +57,36 @@ def stamps(text: str) -> list[float]:
 def percentile(values: list[float], q: float) -> float:
     """The nearest rank at or above `q` of sorted `values` (NaN when there is none)."""
     return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+
+def added_latency_rows(
+    scenario: str,
+    figure: Callable[[int, str], str],
+    series: list[tuple[str, list[float], list[float], float | None]],
+    *,
+    details: Callable[[list[float]], dict[str, Any]] = lambda lags: {},
+) -> list[Row]:
+    """Per-token latency added by the server at p50 and p99: for each `(name, through the server,
+    direct, p99 target or None)`, the server's percentile minus the direct client's (same run)."""
+    rows = []
+    for name, relay_lags, direct_lags, target in series:
+        for q in (0.50, 0.99):
+            added = percentile(relay_lags, q) - percentile(direct_lags, q)
+            limit = target if q == 0.99 else None
+            rows.append(
+                Row(
+                    scenario,
+                    figure(int(q * 100), name),
+                    percentile(relay_lags, q),
+                    percentile(direct_lags, q),
+                    added,
+                    f"<= {limit:g} ms" if limit else "-",
+                    added <= limit if limit else True,
+                    "ms",
+                    details(relay_lags) if q == 0.5 else {},
+                )
+            )
+    return rows
 
 
 @dataclass

@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import (  # noqa: E402
     Reading,
     Row,
+    added_latency_rows,
     count_tokens,
     direct,
     machine,
@@ -505,26 +506,15 @@ def crowd_rows(
             {"sockets": len(whole), "tokens_in_snapshots": sum(f.live_tokens for f in whole)},
         ),
     ]
-    for name, relay_lags, direct_lags, target in (
-        ("steady", steady, direct_steady, 20.0),
-        ("incl. start/end", overall, direct_overall, None),
-    ):
-        for q in (0.50, 0.99):
-            added = percentile(relay_lags, q) - percentile(direct_lags, q)
-            limit = target if q == 0.99 else None
-            rows.append(
-                Row(
-                    scenario,
-                    f"{label}: added ms/token p{int(q * 100)}, {name}",
-                    percentile(relay_lags, q),
-                    percentile(direct_lags, q),
-                    added,
-                    f"<= {limit:g} ms" if limit else "-",
-                    added <= limit if limit else True,
-                    "ms",
-                    {"tokens_measured": len(relay_lags)} if q == 0.5 else {},
-                )
-            )
+    rows += added_latency_rows(
+        scenario,
+        lambda p, name: f"{label}: added ms/token p{p}, {name}",
+        [
+            ("steady", steady, direct_steady, 20.0),
+            ("incl. start/end", overall, direct_overall, None),
+        ],
+        details=lambda lags: {"tokens_measured": len(lags)},
+    )
     return rows
 
 

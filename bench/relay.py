@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 from bench.common import (  # noqa: E402
     Reading,
     Row,
+    added_latency_rows,
     direct,
     machine,
-    percentile,
     print_machine,
     print_table,
     report_missed,
@@ -187,25 +187,14 @@ async def concurrent_streams(
             "tokens",
         ),
     ]
-    for label, relay_lags, direct_lags, target in (
-        ("steady", relay_steady, direct_steady, 20.0),
-        ("incl. start/end burst", relay_all, direct_all, None),
-    ):
-        for q in (0.50, 0.99):
-            added = percentile(relay_lags, q) - percentile(direct_lags, q)
-            limit = target if q == 0.99 else None
-            rows.append(
-                Row(
-                    scenario,
-                    f"added latency/token p{int(q * 100)}, {label} (ms)",
-                    percentile(relay_lags, q),
-                    percentile(direct_lags, q),
-                    added,
-                    f"<= {limit:g} ms" if limit else "-",
-                    added <= limit if limit else True,
-                    "ms",
-                )
-            )
+    rows += added_latency_rows(
+        scenario,
+        lambda p, name: f"added latency/token p{p}, {name} (ms)",
+        [
+            ("steady", relay_steady, direct_steady, 20.0),
+            ("incl. start/end burst", relay_all, direct_all, None),
+        ],
+    )
     return rows
 
 

@@ -25,16 +25,13 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
-import psycopg
 import pytest
-import redis
 import websockets
 
 from testkit import servers
 from tests.negotiation.ws import CUSTOM, rebuild
+from tests.scaleout import PG_URL, REDIS_URL, admin_connection
 
-PG_URL = os.environ.get("SCALEOUT_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("SCALEOUT_REDIS_URL", "redis://127.0.0.1:6379/0")
 # The fake upstream's reply to every move: 6 tokens 30 ms apart (about 0.2 s a move) ...
 TOKENS, DELAY = 6, 0.03
 MESSAGE = " ".join(f"t{i}" for i in range(TOKENS))
@@ -53,14 +50,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    try:
-        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
-    except Exception as exc:
-        pytest.fail(
-            f"The scale-out tests need PostgreSQL at {PG_URL} and Redis at {REDIS_URL} ({exc}). "
-            "Start them (.ci/run does), or run `make test PYTEST_ARGS=\"-m 'not scaleout'\"`."
-        )
+    admin = admin_connection()
     name = f"negotiator_negotiation_scaleout_{uuid.uuid4().hex[:8]}"
     admin.execute(f'CREATE DATABASE "{name}"')
     logs = tmp_path_factory.mktemp("negotiation-scaleout")

@@ -28,14 +28,12 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import psycopg
 import pytest
-import redis
 import websockets
 
 from testkit import servers
 from tests.raw_websocket import logged_at, open_stalled_socket, server_frames
+from tests.scaleout import PG_URL, REDIS_URL, admin_connection
 
-PG_URL = os.environ.get("SCALEOUT_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("SCALEOUT_REDIS_URL", "redis://127.0.0.1:6379/0")
 POOL_SIZE = 3
 TOKENS, DELAY = 60, 0.02
 SEND_BUFFER = 64 * 1024  # LLM_MAX_SEND_BUFFER_BYTES of the main cluster
@@ -93,14 +91,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shared]:
 
     Each cluster starts on a copy (0.3 s, not a migrate).
     """
-    try:
-        admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3).ping()
-    except Exception as exc:
-        pytest.fail(
-            f"The scale-out tests need PostgreSQL at {PG_URL} and Redis at {REDIS_URL} ({exc}). "
-            "Start them (.ci/run does), or run `make test PYTEST_ARGS=\"-m 'not scaleout'\"`."
-        )
+    admin = admin_connection()
     template = f"negotiator_scaleout_{uuid.uuid4().hex[:8]}_template"
     admin.execute(f'CREATE DATABASE "{template}"')
     logs = tmp_path_factory.mktemp("scaleout")

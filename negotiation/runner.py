@@ -205,6 +205,14 @@ class Run:
         )
         return self._task
 
+    def on_this_loop(self) -> bool:
+        """Whether it runs on the running event loop: only then can it be awaited or stopped here
+        (a server has one loop; tests have one per test)."""
+        try:
+            return self._task is not None and self._task.get_loop() is asyncio.get_running_loop()
+        except RuntimeError:  # no loop running
+            return False
+
     def cancel(self, *, as_restart: bool = False) -> None:
         """Stop the negotiation: its generation's upstream request closes at once; it ends
         `cancelled` (or `interrupted`, resumable, when the server is stopping)."""
@@ -450,8 +458,7 @@ class Run:
 async def stop_all(timeout: float = 5.0) -> int:
     """End every negotiation under way here as `interrupted` (resumable): a server stopping.
     Only those of this event loop (a server has one): another loop's run cannot be awaited here."""
-    loop = asyncio.get_running_loop()
-    stopping = [run for run in _runs.values() if run._task and run._task.get_loop() is loop]
+    stopping = [run for run in _runs.values() if run.on_this_loop()]
     if stopping:
         await asyncio.gather(*(run.stop(as_restart=True, timeout=timeout) for run in stopping))
     return len(stopping)

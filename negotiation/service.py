@@ -110,7 +110,7 @@ async def move(
     negotiation_id: str, side: Side | None, action: str, price: float | None, message: str
 ) -> dict[str, Any]:
     """A person's move, wherever the negotiation runs: the move as stored, or the refusal."""
-    run = _local(negotiation_id)
+    run = running_here(negotiation_id)
     if run is not None:
         return await run.submit(side, action, price, message)
     status = await _stored_status(negotiation_id)  # at once, not after ANSWER_TIMEOUT
@@ -128,7 +128,7 @@ async def move(
 
 async def cancel(negotiation_id: str) -> str:
     """Stop a running negotiation wherever it runs (or mark one whose process died); its status."""
-    run = _local(negotiation_id)
+    run = running_here(negotiation_id)
     if run is not None:
         if run.over:  # ended, its end being stored
             raise GameOver(f"the negotiation is over ({run.status})")
@@ -144,18 +144,8 @@ async def cancel(negotiation_id: str) -> str:
 
 def running_here(negotiation_id: str) -> Run | None:
     """The run of `negotiation_id` if it runs on this process (on this event loop)."""
-    return _local(negotiation_id)
-
-
-def _local(negotiation_id: str) -> Run | None:
     run = running(negotiation_id)
-    if run is None or run._task is None:
-        return None
-    try:
-        same_loop = run._task.get_loop() is asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-    return run if same_loop else None
+    return run if run is not None and run.on_this_loop() else None
 
 
 async def _ask(negotiation_id: str, kind: str, command: dict[str, Any]) -> dict[str, Any]:

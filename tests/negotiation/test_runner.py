@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -93,7 +92,10 @@ async def test_stopping_the_server_leaves_runs_of_other_event_loops_alone(
     async def never(**_: Any) -> None:
         raise AssertionError("a run of another loop was stopped")
 
-    monkeypatch.setitem(runner._runs, "elsewhere", SimpleNamespace(_task=task, stop=never))
+    elsewhere = runner.Run.__new__(runner.Run)  # a run as far as stopping it reads one
+    elsewhere._task = task  # type: ignore[assignment]
+    elsewhere.stop = never  # type: ignore[method-assign]
+    monkeypatch.setitem(runner._runs, "elsewhere", elsewhere)
     try:
         assert await runner.stop_all(timeout=5) == 0
     finally:
